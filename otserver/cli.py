@@ -1,0 +1,148 @@
+"""The `otserver` command: serve | token create|list|revoke.
+
+`build_config(args, environ)` turns flags and OTSERVER_* variables into a Config (flags win);
+`run` does the work. Every Config field is a `serve` flag named after it (`--max-url-bytes`,
+`--ttl`, `--capture-ip/--no-capture-ip`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+
+from . import api
+from .config import Config, convert, from_env, setting_name
+
+FIELD_HELP = {
+    "host": "address to listen on",
+    "port": "port to listen on (0: one the OS picks)",
+    "data_dir": "directory of the LMDB store",
+    "max_url_bytes": "longest request line (414 past it)",
+    "max_header_bytes": "largest header block (431 past it)",
+    "max_header_count": "most header fields (431 past it)",
+    "max_body_bytes": "largest body of a single event (413 past it)",
+    "max_batch_body_bytes": "largest body of POST /batch (413 past it)",
+    "max_batch_events": "most events in one POST /batch",
+    "header_timeout_s": "time for a request's headers to arrive (slowloris guard)",
+    "body_timeout_s": "time for a request's body to arrive",
+    "keepalive_s": "idle keep-alive connections are closed after this",
+    "max_pipelined": "answers outstanding on one connection before reading pauses",
+    "max_properties": "most properties per event",
+    "max_name_chars": "longest property name",
+    "max_value_bytes": "longest property value",
+    "max_id_chars": "longest si, sid or uid",
+    "capture_user_agent": "store the User-Agent header beside each event",
+    "capture_referer": "store the Referer header beside each event",
+    "capture_ip": "store the client address beside each event",
+    "anonymize_ip": "zero the last IPv4 octet / last 80 IPv6 bits of stored addresses",
+    "trusted_proxies": "comma-separated addresses or CIDRs whose X-Forwarded-For is believed",
+    "initial_store_bytes": "map size the store starts with; it doubles as needed",
+    "max_store_bytes": "cap of the store; past it ingest answers 503",
+    "max_pending_events": "events waiting for a commit before ingest answers 503",
+    "retry_after_s": "Retry-After seconds sent with 503",
+    "ttl_s": "how long data is kept (units: s, m, h, d)",
+    "default_page_size": "read API page size when no limit is given",
+    "max_page_size": "largest read API page",
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, fields) -> None:
+    defaults = Config()
+    for f in fields:
+        name = setting_name(f.name)
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        help_text = f"{FIELD_HELP.get(f.name, '')} (default {default!r}; env OTSERVER_{name.upper()})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, metavar=name.upper(),
+                                help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="otserver", description="Self-hosted events engine (Opentracker raw-URL events API).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the server")
+    _add_config_flags(serve, dataclasses.fields(Config))
+
+    data_dir_only = [f for f in dataclasses.fields(Config) if f.name == "data_dir"]
+    token = sub.add_parser("token", help="manage read API tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    create = token_sub.add_parser("create", help="create a token for SITE (* for every site)")
+    create.add_argument("site")
+    create.add_argument("--label", default="", help="a note to recognise the token by")
+    _add_config_flags(create, data_dir_only)
+    listing = token_sub.add_parser("list", help="list tokens (ids, sites, never the tokens)")
+    listing.add_argument("--json", action="store_true", help="print JSON lines")
+    _add_config_flags(listing, data_dir_only)
+    revoke = token_sub.add_parser("revoke", help="revoke the token whose id starts with ID")
+    revoke.add_argument("id")
+    _add_config_flags(revoke, data_dir_only)
+    return parser
+
+
+def build_config(args: argparse.Namespace, environ) -> Config:
+    config = from_env(environ)
+    changes = {}
+    for f in dataclasses.fields(Config):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            try:
+                changes[f.name] = value if isinstance(value, bool) else convert(f.name, value)
+            except ValueError as exc:
+                raise SystemExit(f"otserver: --{setting_name(f.name).replace('_', '-')}: {exc}")
+    return config.replace(**changes)
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    if args.command == "serve":
+        from .server import run as run_server
+        return run_server(config)
+    from .server import open_store
+    store = open_store(config)
+    try:
+        if args.token_command == "create":
+            token, ident = api.create_token(store, args.site, args.label)
+            print(token)
+            print(f"token {ident} for site {args.site!r} created; it is shown only this once",
+                  file=sys.stderr)
+        elif args.token_command == "list":
+            for row in api.list_tokens(store):
+                if args.json:
+                    print(json.dumps(row))
+                else:
+                    print(f"{row['id']}  {row['site']}  created {row['created']}  {row['label']}")
+        elif args.token_command == "revoke":
+            removed = api.revoke_token(store, args.id)
+            if not removed:
+                print(f"otserver: no token with id {args.id}", file=sys.stderr)
+                return 1
+            print(f"revoked {removed} token(s)", file=sys.stderr)
+    finally:
+        store.close()
+    return 0
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        config = build_config(args, os.environ)
+    except ValueError as exc:
+        raise SystemExit(f"otserver: {exc}")
+    try:
+        return run(args, config)
+    except ValueError as exc:
+        raise SystemExit(f"otserver: {exc}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Routes (method, path) to the code that answers. No transport in sight.
+
+`Handler.handle(request)` returns either bytes (a whole answer, ready to write) or an
+`IngestJob`: events to commit, and how to answer once they are. The protocol owns the rest.
+"""
+from __future__ import annotations
+
+import ipaddress
+
+from . import http
+from .errors import BadRequest, HttpError
+from .model import EidGenerator, make_event, now_ms, parse_properties
+
+INGEST_PATHS = {
+    b"/": b"GET, POST, OPTIONS",
+    b"/batch": b"POST, OPTIONS",
+    b"/pixel.gif": b"GET, OPTIONS",
+}
+FORM_TYPES = (b"", b"application/x-www-form-urlencoded", b"text/plain")
+
+
+class Request:
+    """One parsed request. Header values kept are those otserver reads (lower-case names)."""
+
+    __slots__ = ("method", "path", "query", "headers", "body", "peer", "close", "head")
+
+    def __init__(self, method: bytes, path: bytes, query: bytes, headers: dict, body: bytes,
+                 peer: str, close: bool):
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.body = body
+        self.peer = peer
+        self.close = close
+        self.head = method == b"HEAD"
+
+
+class IngestJob:
+    """Events waiting for their commit, and the shape of the answer (text, pixel or batch)."""
+
+    __slots__ = ("events", "kind")
+
+    def __init__(self, events: list, kind: int):
+        self.events = events
+        self.kind = kind
+
+    def answer(self, close: bool) -> bytes:
+        if self.kind == KIND_TEXT:
+            return http.ok_eid(self.events[0].eid, close)
+        if self.kind == KIND_PIXEL:
+            return http.ok_pixel(self.events[0].eid, close)
+        return http.ok_batch([ev.eid for ev in self.events], close)
+
+
+KIND_TEXT, KIND_PIXEL, KIND_BATCH = range(3)
+
+
+def anonymize(address: str) -> str:
+    """IPv4: last octet zeroed; IPv6: last 80 bits zeroed."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return ""
+    if ip.version == 4:
+        return str(ipaddress.IPv4Address(int(ip) & 0xFFFFFF00))
+    if ip.ipv4_mapped is not None:
+        return str(ipaddress.IPv4Address(int(ip.ipv4_mapped) & 0xFFFFFF00))
+    return str(ipaddress.IPv6Address(int(ip) & ~((1 << 80) - 1)))
+
+
+class Handler:
+    def __init__(self, config, writer, api=None, eids: EidGenerator | None = None):
+        self.config = config
+        self.writer = writer
+        self.api = api
+        self.eids = eids or EidGenerator()
+        self._trusted = config.trusted_proxies
+        self._ip_cache: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ dispatch
+
+    def handle(self, req: Request):
+        path = req.path
+        allowed = INGEST_PATHS.get(path)
+        try:
+            if allowed is not None:
+                return self._ingest(req, path, allowed)
+            if path.startswith(b"/api/"):
+                if self.api is None:
+                    return http.error(404, "not found", head=req.head)
+                return self.api.handle(req)
+            if path == b"/healthz":
+                if req.method not in (b"GET", b"HEAD"):
+                    return http.error(405, "method not allowed", headers=(("Allow", "GET, HEAD"),))
+                return http.render(200, b"ok\n", head=req.head)
+            return http.error(404, "not found", head=req.head)
+        except HttpError as exc:
+            return http.error(exc.status, exc.reason, cors=allowed is not None,
+                              headers=exc.headers, close=exc.close, head=req.head)
+
+    def _ingest(self, req: Request, path: bytes, allowed: bytes):
+        method = req.method
+        if method == b"OPTIONS":
+            return http.preflight(req.close)
+        if method not in allowed.split(b", "):
+            raise HttpError(405, "method not allowed", headers=(("Allow", allowed.decode()),))
+        config = self.config
+        captured = self._captured(req)
+        if path == b"/batch":
+            events = self._batch_events(req, captured)
+            return IngestJob(events, KIND_BATCH)
+        props = parse_properties(req.query, config)
+        if method == b"POST":
+            self._check_form(req)
+            parse_properties(req.body.rstrip(b"\r\n"), config, props)
+        event = make_event(props, captured, self.eids, now_ms(), config)
+        return IngestJob([event], KIND_PIXEL if path == b"/pixel.gif" else KIND_TEXT)
+
+    def _batch_events(self, req: Request, captured):
+        self._check_form(req)
+        config = self.config
+        defaults = parse_properties(req.query, config)
+        lines = [line for line in req.body.splitlines() if line]
+        if not lines:
+            raise BadRequest("empty batch: send one url-encoded property set per line")
+        if len(lines) > config.max_batch_events:
+            raise BadRequest(f"too many events in one batch: at most {config.max_batch_events}")
+        events = []
+        ts = now_ms()
+        for number, line in enumerate(lines, 1):
+            try:
+                props = parse_properties(line, config, dict(defaults))
+                events.append(make_event(props, captured, self.eids, ts, config))
+            except BadRequest as exc:
+                raise BadRequest(f"line {number}: {exc.reason}") from None
+        return events
+
+    @staticmethod
+    def _check_form(req: Request) -> None:
+        ctype = req.headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+        if ctype not in FORM_TYPES:
+            raise HttpError(415, "send application/x-www-form-urlencoded or text/plain")
+
+    # ------------------------------------------------------------------ captured fields
+
+    def _captured(self, req: Request) -> dict | None:
+        config = self.config
+        captured = {}
+        headers = req.headers
+        if config.capture_user_agent:
+            ua = headers.get(b"user-agent")
+            if ua:
+                captured["user_agent"] = ua.decode("utf-8", "replace")
+        if config.capture_referer:
+            referer = headers.get(b"referer")
+            if referer:
+                captured["referer"] = referer.decode("utf-8", "replace")
+        if config.capture_ip:
+            ip = self._client_ip(req)
+            if ip:
+                captured["ip"] = ip
+        return captured or None
+
+    def _client_ip(self, req: Request) -> str:
+        address = req.peer
+        if self._trusted and b"x-forwarded-for" in req.headers:
+            address = self._forwarded_for(address, req.headers[b"x-forwarded-for"])
+        if not self.config.anonymize_ip:
+            return address
+        ip = self._ip_cache.get(address)
+        if ip is None:
+            ip = anonymize(address)
+            if len(self._ip_cache) > 10_000:
+                self._ip_cache.clear()
+            self._ip_cache[address] = ip
+        return ip
+
+    def _forwarded_for(self, peer: str, header: bytes) -> str:
+        """The client address: walking X-Forwarded-For from the right, the first hop that is
+        not a trusted proxy, provided the peer itself is one."""
+        if not self._is_trusted(peer):
+            return peer
+        address = peer
+        for hop in reversed(header.decode("latin-1").split(",")):
+            hop = hop.strip()
+            try:
+                ipaddress.ip_address(hop)
+            except ValueError:
+                break
+            address = hop
+            if not self._is_trusted(hop):
+                break
+        return address
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self._trusted)

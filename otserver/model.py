@@ -1,0 +1,285 @@
+"""The data model, pure: properties -> Event, id resolution, UUIDv7 eids, record folding, keys.
+
+Invariants kept here:
+- A property name is 1..max_name_chars printable ASCII (0x21-0x7E) after percent-decoding; a
+  value is valid UTF-8 of at most max_value_bytes after decoding ('+' is a space).
+- `eid` and `unixtimestamp` come only from the server; `si` is required; an empty `sid` or `uid`
+  is absent. Ids resolve exactly as the seed document says (see `make_event`).
+- Eids are UUIDv7 (RFC 9562), strictly increasing within a process, so event keys are
+  time-ordered and can be appended to the B-tree.
+- Session and user records are folds: later values overwrite, except names starting with `utm_`,
+  which keep their first value (campaign attribution).
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import time
+from hashlib import blake2b
+from urllib.parse import unquote_to_bytes
+
+from .errors import BadRequest
+
+PRINTABLE_ASCII = bytes(range(0x21, 0x7F))
+SERVER_ASSIGNED = ("eid", "unixtimestamp")
+_BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+
+
+# --------------------------------------------------------------------------- properties
+
+def _show(raw: bytes, limit: int = 40) -> str:
+    """A property name as it may be quoted back in a refusal: escaped and truncated."""
+    text = raw[:limit].decode("ascii", "backslashreplace")
+    text = text.encode("unicode_escape").decode("ascii")
+    return text + ("..." if len(raw) > limit else "")
+
+
+def _unquote(raw: bytes, what: str) -> bytes:
+    if b"+" in raw:
+        raw = raw.replace(b"+", b" ")
+    if b"%" in raw:
+        if _BAD_PERCENT.search(raw):
+            raise BadRequest(f"bad percent-encoding in {what}")
+        raw = unquote_to_bytes(raw)
+    return raw
+
+
+def parse_properties(raw: bytes, config, into: dict | None = None) -> dict:
+    """Decode one url-encoded property set (`a=1&b=2`) into `into` (a new dict by default).
+
+    Empty segments (`a=1&&b=2`, a trailing `&`) are skipped. A name given twice: the last wins.
+    Raises BadRequest naming the property for every rule of SPEC 2.2.
+    """
+    props = {} if into is None else into
+    if not raw:
+        return props
+    parts = raw.split(b"&")
+    if len(parts) > config.max_properties and sum(1 for p in parts if p) > config.max_properties:
+        raise BadRequest(f"too many properties: at most {config.max_properties} per event")
+    max_name = config.max_name_chars
+    max_value = config.max_value_bytes
+    for part in parts:
+        if not part:
+            continue
+        name, sep, value = part.partition(b"=")
+        name = _unquote(name, "a property name")
+        if not name:
+            raise BadRequest("empty property name")
+        if len(name) > max_name or name.translate(None, PRINTABLE_ASCII):
+            raise BadRequest(
+                f"bad property name {_show(name)!r}: 1 to {max_name} printable ASCII characters, no spaces")
+        key = name.decode("ascii")
+        value = _unquote(value, f"property {key}")
+        if len(value) > max_value:
+            raise BadRequest(f"property {key}: value longer than {max_value} bytes")
+        try:
+            props[key] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest(f"property {key}: value is not valid UTF-8") from None
+    if len(props) > config.max_properties:
+        raise BadRequest(f"too many properties: at most {config.max_properties} per event")
+    return props
+
+
+# --------------------------------------------------------------------------- eids
+
+class EidGenerator:
+    """UUIDv7 with a monotonic random tail (RFC 9562, 6.2 method 3).
+
+    A fresh random 74-bit tail each millisecond, incremented within it, so eids are unique
+    across processes (random) and strictly increasing within one (ordered). The random source
+    is a PRNG seeded from the OS at start and after fork: no syscall per eid.
+    """
+
+    __slots__ = ("_last_ms", "_seq", "_rand")
+
+    def __init__(self) -> None:
+        self._last_ms = 0
+        self._seq = 0
+        self._rand = random.Random(os.urandom(32))
+        os.register_at_fork(after_in_child=self._reseed)
+
+    def _reseed(self) -> None:
+        self._rand.seed(os.urandom(32))
+        self._last_ms = 0
+
+    def next(self, now_ms: int) -> tuple[str, bytes, int]:
+        """-> (eid text, 16-byte key, the millisecond it carries)."""
+        if now_ms > self._last_ms:
+            self._last_ms = now_ms
+            self._seq = self._rand.getrandbits(73)  # half the space: room to count up
+        else:
+            self._seq += 1
+            if self._seq >> 74:
+                self._last_ms += 1
+                self._seq = self._rand.getrandbits(73)
+            now_ms = self._last_ms
+        seq = self._seq
+        n = (now_ms << 80) | 0x7000 << 64 | (seq >> 62) << 64 | 0x8000000000000000 | (seq & 0x3FFFFFFFFFFFFFFF)
+        h = "%032x" % n
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}", n.to_bytes(16, "big"), now_ms
+
+
+def eid_to_key(eid: str) -> bytes | None:
+    """The 16-byte key of an eid given as text, or None when it is not a UUID."""
+    if len(eid) != 36 or eid[8] != "-" or eid[13] != "-" or eid[18] != "-" or eid[23] != "-":
+        return None
+    try:
+        return bytes.fromhex(eid.replace("-", ""))
+    except ValueError:
+        return None
+
+
+def key_to_eid(key: bytes) -> str:
+    h = key.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# --------------------------------------------------------------------------- events
+
+class Event:
+    """One event, resolved: ready to be stored and folded."""
+
+    __slots__ = ("eid", "key", "ts", "si", "sid", "uid", "props", "captured")
+
+    def __init__(self, eid, key, ts, si, sid, uid, props, captured):
+        self.eid = eid
+        self.key = key
+        self.ts = ts
+        self.si = si
+        self.sid = sid
+        self.uid = uid
+        self.props = props
+        self.captured = captured
+
+    def record(self) -> dict:
+        return event_record(self.eid, self.ts, self.si, self.sid, self.uid, self.props)
+
+
+def _take_id(props: dict, name: str, max_chars: int) -> str | None:
+    value = props.pop(name, None)
+    if not value:
+        return None
+    if len(value) > max_chars:
+        raise BadRequest(f"property {name}: longer than {max_chars} characters")
+    return value
+
+
+def make_event(props: dict, captured: dict | None, eids: EidGenerator, ts_ms: int, config) -> Event:
+    """Validate the reserved properties and resolve ids (SPEC 2.3, the seed's table):
+
+    | given         | eid | sid          | uid   |
+    | si            | new | = eid        | = eid |
+    | si, sid       | new | given        | = sid |
+    | si, uid       | new | = eid        | given |
+    | si, sid, uid  | new | given        | given |
+
+    `props` is consumed: si, sid and uid are taken out of it.
+    """
+    for name in SERVER_ASSIGNED:
+        if name in props:
+            raise BadRequest(f"property {name} is assigned by the server and cannot be sent")
+    max_id = config.max_id_chars
+    si = _take_id(props, "si", max_id)
+    if si is None:
+        raise BadRequest("missing required property: si")
+    sid = _take_id(props, "sid", max_id)
+    uid = _take_id(props, "uid", max_id)
+    eid, key, ts = eids.next(ts_ms)
+    if uid is None:
+        uid = sid or eid
+    if sid is None:
+        sid = eid
+    return Event(eid, key, ts, si, sid, uid, props, captured)
+
+
+def event_record(eid: str, ts: int, si: str, sid: str, uid: str, props: dict) -> dict:
+    """The flat record of the seed document."""
+    record = {"unixtimestamp": ts, "si": si}
+    record.update(props)
+    record["eid"] = eid
+    record["sid"] = sid
+    record["uid"] = uid
+    return record
+
+
+# --------------------------------------------------------------------------- folds
+#
+# A session or user record is a list, stored as msgpack:
+#   [si, own id, first_ts, event_count, last_ts, last_eid, other id, props, captured]
+# where "own id" is the sid of a session (the uid of a user) and "other id" the last event's uid
+# (sid). props and captured are dicts folded event by event.
+
+R_SI, R_ID, R_FIRST, R_COUNT, R_LAST, R_EID, R_OTHER, R_PROPS, R_CAPTURED = range(9)
+
+
+def fold(record: list | None, ev: Event, own_id: str, other_id: str) -> list:
+    """Fold one event into a session or user record (None: a new record)."""
+    if record is None:
+        record = [ev.si, own_id, ev.ts, 0, ev.ts, ev.eid, other_id, {}, {}]
+    props = record[R_PROPS]
+    for name, value in ev.props.items():
+        if name.startswith("utm_") and name in props:
+            continue
+        props[name] = value
+    record[R_COUNT] += 1
+    record[R_LAST] = ev.ts
+    record[R_EID] = ev.eid
+    record[R_OTHER] = other_id
+    if ev.captured:
+        record[R_CAPTURED].update(ev.captured)
+    return record
+
+
+def folded_record(record: list, kind: str) -> dict:
+    """The flat record of a session (kind 'session') or user ('user') as the seed shows it."""
+    if kind == "session":
+        sid, uid = record[R_ID], record[R_OTHER]
+    else:
+        uid, sid = record[R_ID], record[R_OTHER]
+    return event_record(record[R_EID], record[R_LAST], record[R_SI], sid, uid, record[R_PROPS])
+
+
+# --------------------------------------------------------------------------- keys
+
+_site_keys: dict[str, bytes] = {}
+
+
+def site_key(si: str) -> bytes:
+    """8 bytes naming a site in every key: sessions and users are scoped by site."""
+    key = _site_keys.get(si)
+    if key is None:
+        key = blake2b(si.encode(), digest_size=8).digest()
+        if len(_site_keys) < 100_000:
+            _site_keys[si] = key
+    return key
+
+
+def ident_key(ident: str) -> bytes:
+    """A sid or uid as key bytes; long ones are hashed to stay under LMDB's 511-byte key limit.
+
+    The hashed form starts with 0xFF, a byte that UTF-8 never contains, so it cannot collide
+    with a short id stored as itself.
+    """
+    raw = ident.encode()
+    if len(raw) <= 400:
+        return raw
+    return b"\xff" + blake2b(raw, digest_size=16).digest()
+
+
+def session_key(si: str, sid: str) -> bytes:
+    return site_key(si) + ident_key(sid)
+
+
+def user_key(si: str, uid: str) -> bytes:
+    return site_key(si) + ident_key(uid)
+
+
+def pair_key(ukey: bytes, skey: bytes) -> bytes:
+    """16 bytes naming the (user, session) pair, for 'has this user been in this session?'."""
+    return blake2b(len(ukey).to_bytes(2, "big") + ukey + skey, digest_size=16).digest()

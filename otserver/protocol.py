@@ -1,0 +1,351 @@
+"""The HTTP/1.1 connection: httptools callbacks, limits, keep-alive, pipelining, flow control.
+
+The only module that touches a transport. Invariants:
+- Answers leave in the order requests arrived, however their commits interleave: each request
+  takes a slot in `_slots` and slots are written from the head as they fill.
+- Every limit of SPEC 2.6 is enforced here, before the bytes are buffered without bound:
+  httptools enforces none. A framing error answers, closes, and nothing after it is parsed
+  (so a smuggled follow-up request is never run).
+- One timer per connection, re-armed lazily: `_deadline` moves with the connection's state
+  (header deadline while a request's head arrives, body deadline, idle keep-alive deadline,
+  none while an answer is being prepared), and the timer checks it only when it fires.
+- Reading pauses while too many answers are outstanding or the transport's buffer is full.
+- No Task, no future and no await per request.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+import httptools
+
+from . import http
+from .errors import FramingError, HttpError, Unavailable
+from .handler import IngestJob, Request
+
+# Header names otserver reads; the rest are counted and dropped.
+KEPT_HEADERS = frozenset((b"content-type", b"user-agent", b"referer", b"x-forwarded-for",
+                          b"authorization", b"last-event-id"))
+
+_IDLE, _HEAD, _BODY, _WAIT = range(4)
+
+
+class _StopParsing(Exception):
+    """Raised in a callback to stop the parser after a request that closes the connection."""
+
+
+class Slot:
+    """One request's place in the answer order."""
+
+    __slots__ = ("data", "close")
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+        self.close = False
+
+
+class HttpProtocol(asyncio.Protocol):
+    __slots__ = (
+        "server", "config", "handler", "writer", "loop", "transport", "parser", "peer",
+        "_state", "_deadline", "_timer", "_slots", "_closing", "_paused_reading",
+        "_paused_writing", "_url", "_url_bytes", "_head_bytes", "_header_count", "_headers",
+        "_content_length", "_chunked", "_upgrade", "_body", "_body_bytes", "_body_limit",
+        "_method", "_keep_alive", "_http10", "_header_bytes", "_messages", "_head_limit",
+    )
+
+    def __init__(self, server) -> None:
+        self.server = server
+        self.config = server.config
+        self.handler = server.handler
+        self.writer = server.writer
+        self.loop = server.loop
+        self.transport = None
+        self._slots: deque[Slot] = deque()
+        self._closing = False
+        self._paused_reading = False
+        self._paused_writing = False
+        self._timer = None
+        self._deadline: float | None = None
+        self._state = _IDLE
+        self._messages = 0
+        self._head_limit = self.config.max_url_bytes + self.config.max_header_bytes
+
+    # ------------------------------------------------------------------ connection
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
+        self.parser = httptools.HttpRequestParser(self)
+        self.server.connections.add(self)
+        self._set_deadline(self.loop.time() + self.config.header_timeout_s)
+        self._reset_message()
+
+    def connection_lost(self, exc) -> None:
+        self._closing = True
+        self.server.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._slots.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        # httptools buffers a header line whole before calling back, so a head that spans
+        # reads is bounded here: a read that began and ended inside one request's head was all
+        # head bytes. (A read where the head starts is not counted: the bound is a limit plus
+        # at most one read, and never a false refusal of pipelined requests.)
+        in_head = self._state == _HEAD
+        if in_head:
+            if self._head_bytes > self._head_limit:
+                self._fail(FramingError(431, "request header fields too large"))
+                return
+            message = self._messages
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, HttpError):
+                self._fail(cause)
+            elif not isinstance(cause, _StopParsing):
+                self._fail(FramingError(500, "internal error"))
+                self.server.log_exception("request handling failed", cause)
+            return
+        except httptools.HttpParserUpgrade:
+            self._fail(FramingError(400, "protocol upgrade and CONNECT are not supported"))
+            return
+        except httptools.HttpParserError as exc:
+            self._fail(FramingError(400, f"malformed HTTP request: {_parser_reason(exc)}"))
+            return
+        if in_head and self._state == _HEAD and self._messages == message:
+            self._head_bytes += len(data)
+
+    def eof_received(self):
+        # The client finished sending; answer what was received, then close.
+        if not self._slots:
+            return False
+        self._slots[-1].close = True  # after the last answer
+        return True
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        self._maybe_resume_reading()
+
+    # ------------------------------------------------------------------ httptools callbacks
+
+    def _reset_message(self) -> None:
+        self._url = []
+        self._url_bytes = 0
+        self._head_bytes = 0
+        self._header_bytes = 0
+        self._header_count = 0
+        self._headers = {}
+        self._content_length = None
+        self._chunked = False
+        self._upgrade = False
+        self._body = []
+        self._body_bytes = 0
+
+    def on_message_begin(self) -> None:
+        if self._closing:
+            raise _StopParsing
+        self._messages += 1
+        if self._state == _IDLE and not self._slots:
+            self._set_deadline(self.loop.time() + self.config.header_timeout_s)
+        elif self._state == _WAIT:
+            self._set_deadline(self.loop.time() + self.config.header_timeout_s)
+        self._state = _HEAD
+
+    def on_url(self, url: bytes) -> None:
+        self._url_bytes += len(url)
+        if self._url_bytes > self.config.max_url_bytes:
+            raise FramingError(414, "request line too long")
+        self._url.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self.config.max_header_count:
+            raise FramingError(431, "too many header fields")
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self.config.max_header_bytes:
+            raise FramingError(431, "request header fields too large")
+        name = name.lower()
+        if name == b"content-length":
+            if self._content_length is not None:
+                raise FramingError(400, "more than one Content-Length")
+            if not value.isdigit():
+                raise FramingError(400, "bad Content-Length")
+            self._content_length = int(value)
+        elif name == b"transfer-encoding":
+            if self._chunked or value.strip().lower() != b"chunked":
+                raise FramingError(400, "unsupported Transfer-Encoding (only chunked)")
+            self._chunked = True
+        elif name == b"upgrade":
+            self._upgrade = True
+        elif name in KEPT_HEADERS:
+            self._headers[name] = value
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        method = parser.get_method()
+        self._method = method
+        if self._upgrade or method == b"CONNECT":
+            raise FramingError(400, "protocol upgrade and CONNECT are not supported")
+        if self._chunked and self._content_length is not None:
+            raise FramingError(400, "Content-Length together with Transfer-Encoding")
+        version = parser.get_http_version()
+        self._http10 = version != "1.1"
+        if self._chunked and self._http10:
+            raise FramingError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        self._keep_alive = parser.should_keep_alive() and not self._http10
+        url = b"".join(self._url)
+        path = url.partition(b"?")[0]
+        limit = (self.config.max_batch_body_bytes if path == b"/batch"
+                 else self.config.max_body_bytes)
+        self._body_limit = limit
+        if self._content_length is not None and self._content_length > limit:
+            raise FramingError(413, f"body larger than {limit} bytes")
+        self._state = _BODY
+        self._set_deadline(self.loop.time() + self.config.body_timeout_s)
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        if self._body_bytes > self._body_limit:
+            raise FramingError(413, f"body larger than {self._body_limit} bytes")
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        url = b"".join(self._url)
+        path, _, query = url.partition(b"?")
+        body = b"".join(self._body) if self._body else b""
+        close = not self._keep_alive
+        request = Request(self._method, path, query, self._headers, body, self.peer, close)
+        self._reset_message()
+        self._state = _WAIT
+        self._deadline = None
+        result = self.handler.handle(request)
+        if type(result) is bytes:
+            self._answer(result, close)
+        else:
+            self._submit(result, close)
+        if close:
+            self._closing = True  # parse nothing after a request that ends the connection
+
+    # ------------------------------------------------------------------ answers
+
+    def _answer(self, data: bytes, close: bool) -> None:
+        if not self._slots:
+            self._write(data, close)
+            return
+        slot = Slot()
+        slot.data = data
+        slot.close = close
+        self._slots.append(slot)
+
+    def _submit(self, job: IngestJob, close: bool) -> None:
+        slot = Slot()
+        slot.close = close
+        if not self.writer.submit(job.events, self._committed, (slot, job)):
+            error = Unavailable("overloaded: too many events waiting for a commit",
+                                self.config.retry_after_s)
+            self.server.count_refusal(503)
+            self._answer(http.error(503, error.reason, cors=True, headers=error.headers,
+                                    close=close), close)
+            return
+        self._slots.append(slot)
+        if len(self._slots) >= self.config.max_pipelined:
+            self._pause_reading()
+
+    def _committed(self, arg, error) -> None:
+        slot, job = arg
+        if error is None:
+            slot.data = job.answer(slot.close)
+        else:
+            retry = self.config.retry_after_s
+            slot.data = http.error(503, f"storage unavailable: {error}", cors=True,
+                                   headers=(("Retry-After", str(retry)),), close=slot.close)
+        if self.transport is not None and not self.transport.is_closing():
+            self._flush()
+
+    def _flush(self) -> None:
+        slots = self._slots
+        out = []
+        close = False
+        while slots and slots[0].data is not None:
+            slot = slots.popleft()
+            out.append(slot.data)
+            if slot.close:
+                close = True
+                break
+        if out:
+            self._write(b"".join(out) if len(out) > 1 else out[0], close)
+        if close:
+            slots.clear()
+        elif len(slots) < self.config.max_pipelined:
+            self._maybe_resume_reading()
+
+    def _write(self, data: bytes, close: bool) -> None:
+        transport = self.transport
+        transport.write(data)
+        if close:
+            self._closing = True
+            transport.close()
+        elif not self._slots and self._state == _WAIT:
+            self._state = _IDLE
+            self._set_deadline(self.loop.time() + self.config.keepalive_s)
+
+    def _fail(self, error: HttpError) -> None:
+        """Answer a request that cannot be parsed further, after those before it, and close."""
+        self._closing = True
+        self.server.count_refusal(error.status)
+        self._answer(http.error(error.status, error.reason, headers=error.headers, close=True),
+                     True)
+
+    # ------------------------------------------------------------------ flow control, timer
+
+    def _pause_reading(self) -> None:
+        if not self._paused_reading and self.transport is not None:
+            self._paused_reading = True
+            self.transport.pause_reading()
+
+    def _maybe_resume_reading(self) -> None:
+        if self._paused_reading and not self._paused_writing and not self._closing:
+            self._paused_reading = False
+            self.transport.resume_reading()
+
+    def _set_deadline(self, deadline: float) -> None:
+        self._deadline = deadline
+        if self._timer is None:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._closing:
+            return
+        deadline = self._deadline
+        if deadline is None:
+            return  # an answer is being prepared; the next state change re-arms
+        if self.loop.time() >= deadline:
+            self._closing = True
+            self.transport.close()
+            return
+        self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def shutdown(self) -> None:
+        """Drain: answer what is in flight, then close; close idle connections now."""
+        if not self._slots and self._state in (_IDLE, _HEAD):
+            self._closing = True
+            self.transport.close()
+        elif self._slots:
+            self._slots[-1].close = True
+            self._closing = True
+
+
+def _parser_reason(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.encode("ascii", "backslashreplace").decode("ascii")[:100]

@@ -1,0 +1,83 @@
+"""Wiring: open the store, start the writer, listen, handle signals, drain.
+
+SIGTERM or SIGINT drains: stop accepting, answer what was received (every event already
+submitted is committed first), close connections, close the store, return 0.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from collections import Counter
+
+import uvloop
+
+from .api import Api
+from .handler import Handler
+from .protocol import HttpProtocol
+from .store import Store
+from .writer import Writer
+
+log = logging.getLogger("otserver")
+
+
+class Server:
+    """What every connection shares: config, handler, writer, counters."""
+
+    def __init__(self, config, store, loop):
+        self.config = config
+        self.store = store
+        self.loop = loop
+        self.connections: set = set()
+        self.refusals: Counter = Counter()
+        self.writer = Writer(store, loop, max_pending=config.max_pending_events)
+        self.api = Api(store, config)
+        self.handler = Handler(config, self.writer, self.api)
+
+    def count_refusal(self, status: int) -> None:
+        self.refusals[status] += 1
+
+    def log_exception(self, message: str, exc: BaseException | None) -> None:
+        log.error("%s: %r", message, exc, exc_info=exc)
+
+
+def open_store(config, *, readonly: bool = False) -> Store:
+    return Store(config.data_dir, initial_bytes=config.initial_store_bytes,
+                 max_bytes=config.max_store_bytes, readonly=readonly)
+
+
+async def serve(config, *, stop: asyncio.Event | None = None) -> int:
+    loop = asyncio.get_running_loop()
+    store = open_store(config)
+    server = Server(config, store, loop)
+    listener = await loop.create_server(
+        lambda: HttpProtocol(server), config.host, config.port,
+        backlog=4096, reuse_address=True, reuse_port=hasattr(socket, "SO_REUSEPORT"))
+    address = listener.sockets[0].getsockname()
+    log.info("otserver listening on http://%s:%d data_dir=%s", address[0], address[1],
+             config.data_dir)
+    stop = stop or asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("otserver stopping: draining %d connections", len(server.connections))
+        listener.close()
+        for connection in list(server.connections):
+            connection.shutdown()
+        await server.writer.drain()
+        for _ in range(100):  # up to 5 s for answers to leave
+            if not server.connections:
+                break
+            await asyncio.sleep(0.05)
+        server.writer.close()
+        store.close()
+        log.info("otserver stopped: %d events stored in %d commits",
+                 server.writer.events_stored, server.writer.commits)
+    return 0
+
+
+def run(config) -> int:
+    return uvloop.run(serve(config))

@@ -1,0 +1,286 @@
+"""LMDB storage: one environment, named databases, batched writes, reads. No asyncio here.
+
+Databases (keys are bytes; values msgpack unless said):
+  events          eid(16, UUIDv7, time-ordered)          -> [ts, si, sid, uid, props, captured]
+  sessions        site(8) + ident(sid)                   -> record (see model.fold)
+  users           site(8) + ident(uid)                   -> record
+  session_events  session key  (dupsort, dupfixed)       -> eid(16), in time order
+  user_sessions   user key     (dupsort)                 -> first eid(16) + ident(sid), in time order
+  user_pairs      pair_key(user key, session key)(16)    -> b""   (has this user been in this session?)
+  sites           site(8)                                -> [si, first_ts]
+  tokens          sha256(token)(32)                      -> [site, created_ms, label]
+
+Invariants:
+- One write transaction per batch holds the events, their session and user folds (read-modify-
+  write inside the transaction, so several processes may share the environment) and every index
+  entry; it commits synced, or nothing of the batch is stored.
+- The map grows by itself (doubling) up to `max_store_bytes`; past that a batch raises StoreFull.
+  A map grown by a sibling process is adopted (MapResizedError).
+- Resizing needs no transaction open in this process: reads and the resize share `_resize_lock`.
+- Exactly one thread of a process writes: the writer (or a CLI command, which has no writer).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from contextlib import contextmanager
+
+import lmdb
+import msgpack
+
+from .errors import StoreFailed, StoreFull
+from .model import (R_FIRST, R_OTHER, Event, fold, ident_key, key_to_eid, pair_key,
+                    session_key, site_key, user_key)
+
+_DB_NAMES = ("events", "sessions", "users", "session_events", "user_sessions", "user_pairs",
+             "sites", "tokens", "meta")
+_DUPSORT = {"session_events": {"dupsort": True, "dupfixed": True},
+            "user_sessions": {"dupsort": True}}
+SCHEMA_VERSION = b"1"
+
+packb = msgpack.Packer(use_bin_type=True).pack  # one Packer: no allocation per call
+unpackb = msgpack.unpackb
+
+
+class Store:
+    def __init__(self, path: str, *, initial_bytes: int = 64 << 20, max_bytes: int = 64 << 30,
+                 readonly: bool = False, sync: bool = True):
+        self.path = path
+        self.max_bytes = max_bytes
+        if not readonly:
+            os.makedirs(path, exist_ok=True)
+        existing = _file_size(os.path.join(path, "data.mdb"))
+        self.env = lmdb.open(
+            path, map_size=max(initial_bytes, existing), max_dbs=len(_DB_NAMES) + 2,
+            readonly=readonly, sync=sync, metasync=sync, readahead=False, meminit=False,
+            max_readers=1024, max_spare_txns=4, create=not readonly)
+        self._resize_lock = threading.Lock()
+        if not readonly:
+            self.env.reader_check()  # clear slots left by killed processes
+        if readonly:  # handles opened in a read transaction die with it: open them bare
+            self.db = {name: self.env.open_db(name.encode(), create=False,
+                                              **_DUPSORT.get(name, {}))
+                       for name in _DB_NAMES}
+        else:
+            with self.env.begin(write=True) as txn:
+                self.db = {name: self.env.open_db(name.encode(), txn=txn,
+                                                  **_DUPSORT.get(name, {}))
+                           for name in _DB_NAMES}
+                if txn.get(b"schema", db=self.db["meta"]) is None:
+                    txn.put(b"schema", SCHEMA_VERSION, db=self.db["meta"])
+        self._known_sites: set[bytes] = set()
+
+    def close(self) -> None:
+        self.env.close()
+
+    # ------------------------------------------------------------------ map size
+
+    def map_size(self) -> int:
+        return self.env.info()["map_size"]
+
+    def _grow(self) -> None:
+        """Double the map, up to the cap. Called with no transaction open in this process."""
+        current = self.map_size()
+        if current >= self.max_bytes:
+            raise StoreFull(f"store is at its size cap ({self.max_bytes} bytes)")
+        with self._resize_lock:
+            self.env.set_mapsize(min(self.max_bytes, current * 2))
+
+    def _adopt_size(self) -> None:
+        """A sibling process grew the map: take its size."""
+        with self._resize_lock:
+            self.env.set_mapsize(0)
+
+    @contextmanager
+    def read(self):
+        """A read transaction; the map is not resized while it is open."""
+        with self._resize_lock:
+            while True:
+                try:
+                    txn = self.env.begin(buffers=False)
+                    break
+                except lmdb.MapResizedError:
+                    self.env.set_mapsize(0)
+            try:
+                yield txn
+            finally:
+                txn.abort()
+
+    def write(self, apply, *args):
+        """Run apply(txn, *args) in one write transaction and commit it, growing the map as needed.
+
+        Raises StoreFull (cap or disk) or StoreFailed; in either case nothing was stored.
+        """
+        while True:
+            txn = None
+            try:
+                txn = self.env.begin(write=True)
+                result = apply(txn, *args)
+                txn.commit()
+                return result
+            except lmdb.MapFullError:
+                txn.abort()
+                self._grow()
+            except lmdb.MapResizedError:
+                if txn is not None:
+                    txn.abort()
+                self._adopt_size()
+            except lmdb.Error as exc:
+                if txn is not None:
+                    txn.abort()
+                if _is_disk_full(exc):
+                    raise StoreFull(f"disk full: {exc}") from exc
+                raise StoreFailed(str(exc)) from exc
+
+    # ------------------------------------------------------------------ ingest
+
+    def write_batch(self, events: list[Event]) -> None:
+        self.write(self._apply_batch, events)
+
+    def _apply_batch(self, txn, events: list[Event]) -> None:
+        db = self.db
+        events_cur = txn.cursor(db=db["events"])
+        session_events = db["session_events"]
+        user_sessions = db["user_sessions"]
+        sessions: dict[bytes, list] = {}
+        users: dict[bytes, list] = {}
+        get = txn.get
+        put = txn.put
+        for ev in events:
+            value = packb([ev.ts, ev.si, ev.sid, ev.uid, ev.props, ev.captured])
+            if not events_cur.put(ev.key, value, append=True):
+                if not events_cur.put(ev.key, value, overwrite=False):
+                    raise StoreFailed(f"duplicate eid {ev.eid}")
+
+            site = site_key(ev.si)
+            if site not in self._known_sites:
+                self._note_site(txn, site, ev)
+            skey = site + ident_key(ev.sid)
+            session = sessions.get(skey)
+            if session is None:
+                raw = get(skey, db=db["sessions"])
+                session = unpackb(raw) if raw is not None else None
+            previous_uid = session[R_OTHER] if session is not None else None
+            sessions[skey] = fold(session, ev, ev.sid, ev.uid)
+            put(skey, ev.key, db=session_events)
+
+            ukey = site + ident_key(ev.uid)
+            user = users.get(ukey)
+            if user is None:
+                raw = get(ukey, db=db["users"])
+                user = unpackb(raw) if raw is not None else None
+            users[ukey] = fold(user, ev, ev.uid, ev.sid)
+
+            # The user's list of sessions gains this session the first time the user is in it.
+            if previous_uid != ev.uid:
+                pair = pair_key(ukey, skey)
+                if previous_uid is None or get(pair, db=db["user_pairs"]) is None:
+                    put(pair, b"", db=db["user_pairs"])
+                    put(ukey, ev.key + skey[8:], db=user_sessions)
+
+        for skey, record in sessions.items():
+            put(skey, packb(record), db=db["sessions"])
+        for ukey, record in users.items():
+            put(ukey, packb(record), db=db["users"])
+
+    def _note_site(self, txn, site: bytes, ev: Event) -> None:
+        if txn.get(site, db=self.db["sites"]) is None:
+            txn.put(site, packb([ev.si, ev.ts]), db=self.db["sites"])
+        # Remembered only once the batch commits would be exact; remembering now is harmless:
+        # at worst a failed batch makes a later batch skip one idempotent put of the site.
+        self._known_sites.add(site)
+
+    # ------------------------------------------------------------------ reads
+
+    def get_event(self, txn, key: bytes) -> tuple | None:
+        """-> (ts, si, sid, uid, props, captured) or None."""
+        raw = txn.get(key, db=self.db["events"])
+        return unpackb(raw) if raw is not None else None
+
+    def get_session(self, txn, si: str, sid: str) -> list | None:
+        raw = txn.get(session_key(si, sid), db=self.db["sessions"])
+        return unpackb(raw) if raw is not None else None
+
+    def get_user(self, txn, si: str, uid: str) -> list | None:
+        raw = txn.get(user_key(si, uid), db=self.db["users"])
+        return unpackb(raw) if raw is not None else None
+
+    def session_event_keys(self, txn, si: str, sid: str, after: bytes | None, limit: int) -> list[bytes]:
+        """Up to `limit` event keys of a session, in time order, strictly after `after`."""
+        skey = session_key(si, sid)
+        cur = txn.cursor(db=self.db["session_events"])
+        if after is None:
+            found = cur.set_key(skey)
+        else:
+            found = cur.set_range_dup(skey, after)
+            if found and cur.value() == after:
+                found = cur.next_dup()
+        keys: list[bytes] = []
+        while found and len(keys) < limit:
+            keys.append(cur.value())
+            found = cur.next_dup()
+        return keys
+
+    def user_session_entries(self, txn, si: str, uid: str, after: bytes | None,
+                             limit: int) -> list[tuple[bytes, bytes]]:
+        """Up to `limit` (entry, session key) of a user, in order of first event, after `after`."""
+        ukey = user_key(si, uid)
+        site = ukey[:8]
+        cur = txn.cursor(db=self.db["user_sessions"])
+        if after is None:
+            found = cur.set_key(ukey)
+        else:
+            found = cur.set_range_dup(ukey, after)
+            if found and cur.value() == after:
+                found = cur.next_dup()
+        entries = []
+        while found and len(entries) < limit:
+            entry = cur.value()
+            entries.append((entry, site + entry[16:]))
+            found = cur.next_dup()
+        return entries
+
+    def get_session_by_key(self, txn, skey: bytes) -> list | None:
+        raw = txn.get(skey, db=self.db["sessions"])
+        return unpackb(raw) if raw is not None else None
+
+    def counts(self) -> dict:
+        with self.read() as txn:
+            return {name: txn.stat(self.db[name])["entries"] for name in
+                    ("events", "sessions", "users", "sites", "tokens")}
+
+    def event_keys(self) -> list[str]:
+        """Every stored eid (for tests and small stores)."""
+        with self.read() as txn:
+            return [key_to_eid(k) for k in txn.cursor(db=self.db["events"]).iternext(values=False)]
+
+    # ------------------------------------------------------------------ tokens
+
+    def put_token(self, digest: bytes, site: str, created_ms: int, label: str) -> None:
+        self.write(lambda txn: txn.put(digest, packb([site, created_ms, label]), db=self.db["tokens"]))
+
+    def find_token(self, digest: bytes) -> list | None:
+        with self.read() as txn:
+            raw = txn.get(digest, db=self.db["tokens"])
+        return unpackb(raw) if raw is not None else None
+
+    def list_tokens(self) -> list[tuple[bytes, list]]:
+        with self.read() as txn:
+            return [(k, unpackb(v)) for k, v in txn.cursor(db=self.db["tokens"])]
+
+    def delete_tokens(self, digests: list[bytes]) -> int:
+        def apply(txn):
+            return sum(1 for d in digests if txn.delete(d, db=self.db["tokens"]))
+        return self.write(apply)
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _is_disk_full(exc: lmdb.Error) -> bool:
+    return getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)

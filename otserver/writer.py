@@ -1,0 +1,118 @@
+"""Group commit: many requests share one synced LMDB write transaction.
+
+The event loop collects what each request submits during one turn of the loop; at the end of
+the turn the collected batch goes to the writer thread, which stores it in one transaction and
+commits (fsync). While that commit runs, the loop keeps reading and the next batch grows; when
+it ends, every request of the batch is answered on the loop and the next batch starts at once.
+
+Invariants:
+- One commit in flight at a time; the writer thread owns every write transaction.
+- A request is answered only after its batch committed (or failed as a whole): callback(arg,
+  None) means stored and synced; callback(arg, exc) means nothing of the batch was stored.
+- The number of events accepted but not yet answered never exceeds `max_pending`: `submit`
+  refuses past it, so overload is answered at once instead of queueing without bound.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+from .errors import StoreFailed, StoreFull
+
+
+class Writer:
+    def __init__(self, store, loop, *, max_pending: int, on_commit=None):
+        self.store = store
+        self.loop = loop
+        self.max_pending = max_pending
+        self.on_commit = on_commit  # f(events, seconds) after each successful commit
+        self.pending_events = 0  # accepted, not yet answered (waiting + in flight)
+        self._waiting: list = []  # (events, callback, arg) for the next batch
+        self._in_flight = False
+        self._scheduled = False
+        self._batches: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle_waiters: list = []
+        self.last_progress = time.monotonic()
+        self.commits = 0
+        self.events_stored = 0
+        self._thread = threading.Thread(target=self._run, name="otserver-writer", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ loop side
+
+    def submit(self, events: list, callback, arg) -> bool:
+        """Queue events for the next commit; False (nothing queued) when over the bound."""
+        count = len(events)
+        if self.pending_events + count > self.max_pending:
+            return False
+        self.pending_events += count
+        self._waiting.append((events, callback, arg))
+        if not self._in_flight and not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._dispatch)
+        return True
+
+    def _dispatch(self) -> None:
+        self._scheduled = False
+        if self._in_flight or not self._waiting:
+            return
+        batch, self._waiting = self._waiting, []
+        self._in_flight = True
+        self._batches.put(batch)
+
+    def _done(self, batch: list, error: BaseException | None, events: list, seconds: float) -> None:
+        self._in_flight = False
+        self.last_progress = time.monotonic()
+        if error is None:
+            self.commits += 1
+            self.events_stored += len(events)
+        for evs, callback, arg in batch:
+            self.pending_events -= len(evs)
+            callback(arg, error)
+        if error is None and self.on_commit is not None:
+            self.on_commit(events, seconds)
+        if self._waiting:
+            self._dispatch()
+        elif self._idle_waiters:
+            for fut in self._idle_waiters:
+                if not fut.done():
+                    fut.set_result(None)
+            self._idle_waiters.clear()
+
+    async def drain(self) -> None:
+        """Wait until everything submitted so far is committed and answered."""
+        while self._waiting or self._in_flight or self._scheduled:
+            fut = self.loop.create_future()
+            self._idle_waiters.append(fut)
+            if self._waiting and not self._in_flight and not self._scheduled:
+                self._dispatch()
+            await fut
+
+    def close(self) -> None:
+        """Stop the thread (after drain)."""
+        self._batches.put(None)
+        self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------------ writer thread
+
+    def _run(self) -> None:
+        store = self.store
+        while True:
+            batch = self._batches.get()
+            if batch is None:
+                return
+            events = [ev for evs, _, _ in batch for ev in evs]
+            started = time.perf_counter()
+            error: BaseException | None = None
+            try:
+                store.write_batch(events)
+            except (StoreFull, StoreFailed) as exc:
+                error = exc
+            except Exception as exc:  # never lose the loop's answer to a bug in a batch
+                error = StoreFailed(f"{type(exc).__name__}: {exc}")
+            seconds = time.perf_counter() - started
+            try:
+                self.loop.call_soon_threadsafe(self._done, batch, error, events, seconds)
+            except RuntimeError:  # the loop is closed: the process is going away
+                return

@@ -1,0 +1,251 @@
+"""Fixtures: a real otserver process on a loopback port the OS picks, over a real LMDB store in
+a temporary directory, and small clients (http.client and raw sockets) to talk to it."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import quote, urlencode
+
+import pytest
+
+from otserver.store import Store
+
+_LISTENING = re.compile(r"listening on http://[^:]+:(\d+)")
+
+
+class Response:
+    def __init__(self, status: int, headers: dict, body: bytes):
+        self.status = status
+        self.headers = headers  # lower-case names
+        self.body = body
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.body[:200]!r}>"
+
+
+class RunningServer:
+    """One `otserver serve` process. Talk to it with get/post/raw; read its store with `counts`."""
+
+    def __init__(self, data_dir: Path, extra_args=(), env=None):
+        self.data_dir = Path(data_dir)
+        self.extra_args = list(extra_args)
+        self.env = env
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-server.log"
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    # ------------------------------------------------------------------ process
+
+    def start(self, timeout: float = 15.0) -> "RunningServer":
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        start_at = log.tell()
+        env = dict(os.environ, **(self.env or {}))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "otserver", "serve", "--host", "127.0.0.1", "--port", "0",
+             "--data-dir", str(self.data_dir), *self.extra_args],
+            stdout=log, stderr=log, env=env)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_path.read_bytes()[start_at:].decode(errors="replace")
+            match = _LISTENING.search(text)
+            if match:
+                self.port = int(match.group(1))
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"otserver exited {self.proc.returncode}:\n{text}")
+            time.sleep(0.02)
+        self.kill()
+        raise RuntimeError("otserver did not start listening in time")
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM (drain) and wait; returns the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        """SIGKILL, the crash: nothing gets to run."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    # ------------------------------------------------------------------ clients
+
+    def request(self, method: str, target: str, body: bytes | str | None = None,
+                headers: dict | None = None) -> Response:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request(method, target, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()},
+                            resp.read())
+        finally:
+            conn.close()
+
+    def get(self, target: str, headers: dict | None = None) -> Response:
+        return self.request("GET", target, headers=headers)
+
+    def track(self, headers: dict | None = None, **props) -> Response:
+        """GET /?props..., properties url-encoded in the order given."""
+        return self.get("/?" + urlencode(props, quote_via=quote), headers=headers)
+
+    def post(self, target: str, body, headers: dict | None = None) -> Response:
+        headers = {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})}
+        return self.request("POST", target, body=body, headers=headers)
+
+    def raw(self, data: bytes, timeout: float = 5.0) -> bytes:
+        """Send bytes on a fresh connection, then read until the server closes (or timeout)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
+            sock.sendall(data)
+            return read_until_close(sock, timeout)
+
+    def connect(self, timeout: float = 5.0) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+
+    # ------------------------------------------------------------------ read API
+
+    def create_token(self, site: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "otserver", "token", "create", site,
+             "--data-dir", str(self.data_dir)],
+            check=True, capture_output=True, text=True, timeout=30)
+        return out.stdout.strip()
+
+    def api(self, path: str, token: str | None) -> Response:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return self.get(path, headers=headers)
+
+    # ------------------------------------------------------------------ the store itself
+
+    def counts(self) -> dict:
+        """Entries in the store's databases, read straight from LMDB (events, sessions, ...)."""
+        store = Store(str(self.data_dir), readonly=True)
+        try:
+            return store.counts()
+        finally:
+            store.close()
+
+    def event_ids(self) -> list[str]:
+        store = Store(str(self.data_dir), readonly=True)
+        try:
+            return store.event_keys()
+        finally:
+            store.close()
+
+
+def read_until_close(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    sock.settimeout(timeout)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            break
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def read_response(sock: socket.socket, timeout: float = 5.0) -> Response:
+    """Read exactly one HTTP response (Content-Length framed) from a socket."""
+    sock.settimeout(timeout)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before a full response: {buf!r}")
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return _finish_response(sock, head, rest)
+
+
+def _finish_response(sock, head: bytes, rest: bytes) -> Response:
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    sock._otserver_leftover = rest[length:]  # bytes of a following pipelined response
+    return Response(status, headers, rest[:length])
+
+
+def parse_responses(data: bytes) -> list[Response]:
+    """Split bytes read from a connection into the responses they hold."""
+    out = []
+    while data:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        if not sep:
+            break
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        out.append(Response(int(lines[0].split()[1]), headers, rest[:length]))
+        data = rest[length:]
+    return out
+
+
+@pytest.fixture
+def make_server(tmp_path):
+    """Factory: make_server(*extra_flags, env=...) -> a started RunningServer; all stopped after."""
+    started: list[RunningServer] = []
+
+    def factory(*extra_args, env=None, data_dir=None, start=True) -> RunningServer:
+        server = RunningServer(data_dir or tmp_path / f"otdata{len(started)}", extra_args, env)
+        started.append(server)
+        return server.start() if start else server
+
+    yield factory
+    for server in started:
+        server.kill()
+
+
+@pytest.fixture
+def server(make_server) -> RunningServer:
+    return make_server()
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory):
+    """One server for a module's read-only or additive tests (faster than one per test)."""
+    server = RunningServer(tmp_path_factory.mktemp("shared") / "otdata").start()
+    yield server
+    server.kill()
