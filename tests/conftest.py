@@ -176,7 +176,8 @@ def read_until_close(sock: socket.socket, timeout: float = 5.0) -> bytes:
 
 
 def read_response(sock: socket.socket, timeout: float = 5.0) -> Response:
-    """Read exactly one HTTP response (Content-Length framed) from a socket."""
+    """Read one HTTP response (Content-Length framed) from a socket; for pipelined responses
+    read everything and use parse_responses instead."""
     sock.settimeout(timeout)
     buf = b""
     while b"\r\n\r\n" not in buf:
@@ -201,7 +202,6 @@ def _finish_response(sock, head: bytes, rest: bytes) -> Response:
         if not chunk:
             break
         rest += chunk
-    sock._otserver_leftover = rest[length:]  # bytes of a following pipelined response
     return Response(status, headers, rest[:length])
 
 
