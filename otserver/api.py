@@ -15,7 +15,7 @@ import binascii
 import hashlib
 import json
 import secrets
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 from . import http
 from .errors import HttpError
@@ -77,7 +77,10 @@ class Api:
             raise HttpError(400, "missing query parameter: si")
         if site != ADMIN_SITE and site != si:
             raise HttpError(403, "this token is not for site " + json.dumps(si))
-        ident = unquote(parts[4].decode("latin-1"), errors="strict")
+        try:
+            ident = unquote_to_bytes(parts[4]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise HttpError(404, "not found") from None
         payload = self.routes[parts[3]](si, ident, params)
         return _json(200, payload, head=req.head)
 

@@ -121,14 +121,14 @@ class Handler:
         self._check_form(req)
         config = self.config
         defaults = parse_properties(req.query, config)
-        lines = [line for line in req.body.splitlines() if line]
+        lines = [(number, line) for number, line in enumerate(req.body.splitlines(), 1) if line]
         if not lines:
             raise BadRequest("empty batch: send one url-encoded property set per line")
         if len(lines) > config.max_batch_events:
             raise BadRequest(f"too many events in one batch: at most {config.max_batch_events}")
         events = []
         ts = now_ms()
-        for number, line in enumerate(lines, 1):
+        for number, line in lines:
             try:
                 props = parse_properties(line, config, dict(defaults))
                 events.append(make_event(props, captured, self.eids, ts, config))

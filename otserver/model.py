@@ -29,9 +29,9 @@ _BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 # --------------------------------------------------------------------------- properties
 
 def _show(raw: bytes, limit: int = 40) -> str:
-    """A property name as it may be quoted back in a refusal: escaped and truncated."""
+    """Bytes as they may be quoted back in a refusal: printable ASCII, escaped, truncated."""
     text = raw[:limit].decode("ascii", "backslashreplace")
-    text = text.encode("unicode_escape").decode("ascii")
+    text = "".join(c if " " <= c <= "~" else f"\\x{ord(c):02x}" for c in text)
     return text + ("..." if len(raw) > limit else "")
 
 
@@ -63,12 +63,12 @@ def parse_properties(raw: bytes, config, into: dict | None = None) -> dict:
         if not part:
             continue
         name, sep, value = part.partition(b"=")
-        name = _unquote(name, "a property name")
+        name = _unquote(name, f"property name '{_show(name)}'")
         if not name:
             raise BadRequest("empty property name")
         if len(name) > max_name or name.translate(None, PRINTABLE_ASCII):
             raise BadRequest(
-                f"bad property name {_show(name)!r}: 1 to {max_name} printable ASCII characters, no spaces")
+                f"bad property name '{_show(name)}': 1 to {max_name} printable ASCII characters, no spaces")
         key = name.decode("ascii")
         value = _unquote(value, f"property {key}")
         if len(value) > max_value:
