@@ -31,9 +31,10 @@ def parse_duration(text: str | float | int) -> float:
     if isinstance(text, (int, float)):
         return float(text)
     m = _NUMBER_UNIT.match(text)
-    if not m or m.group(2).lower() not in _DURATION_UNITS:
+    unit = m.group(2).lower() or "s" if m else None
+    if unit not in _DURATION_UNITS:
         raise ValueError(f"not a duration: {text!r} (use a number with ms, s, m, h, d or w)")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower() or "s"]
+    return float(m.group(1)) * _DURATION_UNITS[unit]
 
 
 def parse_size(text: str | int) -> int:

@@ -3,12 +3,12 @@
 The only module that touches a transport. Invariants:
 - Answers leave in the order requests arrived, however their commits interleave: each request
   takes a slot in `_slots` and slots are written from the head as they fill.
-- Every limit of SPEC 2.6 is enforced here, before the bytes are buffered without bound:
-  httptools enforces none. A framing error answers, closes, and nothing after it is parsed
-  (so a smuggled follow-up request is never run).
-- One timer per connection, re-armed lazily: `_deadline` moves with the connection's state
-  (header deadline while a request's head arrives, body deadline, idle keep-alive deadline,
-  none while an answer is being prepared), and the timer checks it only when it fires.
+- Every limit of SPEC 2.6 is enforced here, before bytes are buffered without bound: httptools
+  enforces none. A framing error answers, closes, and nothing after it is parsed (so a smuggled
+  follow-up request is never run).
+- No timer per connection: `_deadline` moves with the connection's state (header deadline while
+  a request's head arrives, body deadline, idle keep-alive deadline, none while an answer is
+  being prepared) and the server's clock tick calls `check_deadline` on every connection.
 - Reading pauses while too many answers are outstanding or the transport's buffer is full.
 - No Task, no future and no await per request.
 """
@@ -21,13 +21,15 @@ import httptools
 
 from . import http
 from .errors import FramingError, HttpError, Unavailable
-from .handler import IngestJob, Request
+from .handler import INGEST_PATHS, IngestJob, Request
 
 # Header names otserver reads; the rest are counted and dropped.
 KEPT_HEADERS = frozenset((b"content-type", b"user-agent", b"referer", b"x-forwarded-for",
                           b"authorization", b"last-event-id"))
+HTTP_VERSIONS = ("1.1", "1.0")
+LINGER_S = 2.0  # after an error answer, how long unread request bytes are drained before close
 
-_IDLE, _HEAD, _BODY, _WAIT = range(4)
+_IDLE, _HEAD, _BODY, _WAIT, _LINGER = range(5)
 
 
 class _StopParsing(Exception):
@@ -47,10 +49,10 @@ class Slot:
 class HttpProtocol(asyncio.Protocol):
     __slots__ = (
         "server", "config", "handler", "writer", "loop", "transport", "parser", "peer",
-        "_state", "_deadline", "_timer", "_slots", "_closing", "_paused_reading",
-        "_paused_writing", "_url", "_url_bytes", "_head_bytes", "_header_count", "_headers",
+        "_state", "_deadline", "_slots", "_closing", "_paused_reading", "_paused_writing",
+        "_url", "_url_bytes", "_wire_bytes", "_header_bytes", "_header_count", "_headers",
         "_content_length", "_chunked", "_upgrade", "_body", "_body_bytes", "_body_limit",
-        "_method", "_keep_alive", "_http10", "_header_bytes", "_messages", "_head_limit",
+        "_method", "_path", "_keep_alive", "_messages", "_head_limit",
     )
 
     def __init__(self, server) -> None:
@@ -64,10 +66,10 @@ class HttpProtocol(asyncio.Protocol):
         self._closing = False
         self._paused_reading = False
         self._paused_writing = False
-        self._timer = None
         self._deadline: float | None = None
         self._state = _IDLE
         self._messages = 0
+        self._path = None
         self._head_limit = self.config.max_url_bytes + self.config.max_header_bytes
 
     # ------------------------------------------------------------------ connection
@@ -78,28 +80,33 @@ class HttpProtocol(asyncio.Protocol):
         self.peer = peer[0] if peer else ""
         self.parser = httptools.HttpRequestParser(self)
         self.server.connections.add(self)
-        self._set_deadline(self.loop.time() + self.config.header_timeout_s)
+        self._deadline = self.loop.time() + self.config.header_timeout_s
         self._reset_message()
 
     def connection_lost(self, exc) -> None:
         self._closing = True
         self.server.connections.discard(self)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         self._slots.clear()
+        self.transport = None
 
     def data_received(self, data: bytes) -> None:
+        state = self._state
         if self._closing:
+            if state == _LINGER:
+                self._wire_bytes += len(data)
+                if self._wire_bytes > self.config.max_batch_body_bytes:
+                    self.transport.close()
             return
-        # httptools buffers a header line whole before calling back, so a head that spans
-        # reads is bounded here: a read that began and ended inside one request's head was all
-        # head bytes. (A read where the head starts is not counted: the bound is a limit plus
-        # at most one read, and never a false refusal of pipelined requests.)
-        in_head = self._state == _HEAD
-        if in_head:
-            if self._head_bytes > self._head_limit:
+        # httptools buffers a header line (or a trailer) whole before calling back, so bytes
+        # are bounded here too: a read that began and ended inside one request's head (or
+        # body) was all head (body) bytes. A read in which the part starts is not counted, so
+        # the bound is a limit plus at most one read, and never a false refusal of pipelining.
+        if state == _HEAD or state == _BODY:
+            if state == _HEAD and self._wire_bytes > self._head_limit:
                 self._fail(FramingError(431, "request header fields too large"))
+                return
+            if state == _BODY and self._wire_bytes > 2 * self._body_limit + self._head_limit:
+                self._fail(FramingError(413, f"body larger than {self._body_limit} bytes"))
                 return
             message = self._messages
         try:
@@ -118,12 +125,12 @@ class HttpProtocol(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(FramingError(400, f"malformed HTTP request: {_parser_reason(exc)}"))
             return
-        if in_head and self._state == _HEAD and self._messages == message:
-            self._head_bytes += len(data)
+        if (state == _HEAD or state == _BODY) and self._state == state and self._messages == message:
+            self._wire_bytes += len(data)
 
     def eof_received(self):
         # The client finished sending; answer what was received, then close.
-        if not self._slots:
+        if not self._slots or self._state == _LINGER:
             return False
         self._slots[-1].close = True  # after the last answer
         return True
@@ -136,12 +143,20 @@ class HttpProtocol(asyncio.Protocol):
         self._paused_writing = False
         self._maybe_resume_reading()
 
+    def check_deadline(self, now: float) -> None:
+        """Called by the server's tick: close a connection whose deadline has passed."""
+        deadline = self._deadline
+        if deadline is not None and now >= deadline and self.transport is not None:
+            self._closing = True
+            self._deadline = None
+            self.transport.close()
+
     # ------------------------------------------------------------------ httptools callbacks
 
     def _reset_message(self) -> None:
         self._url = []
         self._url_bytes = 0
-        self._head_bytes = 0
+        self._wire_bytes = 0
         self._header_bytes = 0
         self._header_count = 0
         self._headers = {}
@@ -150,16 +165,14 @@ class HttpProtocol(asyncio.Protocol):
         self._upgrade = False
         self._body = []
         self._body_bytes = 0
+        self._path = None
 
     def on_message_begin(self) -> None:
         if self._closing:
             raise _StopParsing
         self._messages += 1
-        if self._state == _IDLE and not self._slots:
-            self._set_deadline(self.loop.time() + self.config.header_timeout_s)
-        elif self._state == _WAIT:
-            self._set_deadline(self.loop.time() + self.config.header_timeout_s)
         self._state = _HEAD
+        self._deadline = self.loop.time() + self.config.header_timeout_s
 
     def on_url(self, url: bytes) -> None:
         self._url_bytes += len(url)
@@ -174,6 +187,8 @@ class HttpProtocol(asyncio.Protocol):
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self.config.max_header_bytes:
             raise FramingError(431, "request header fields too large")
+        if self._state == _BODY:
+            return  # a chunked trailer: counted, never used
         name = name.lower()
         if name == b"content-length":
             if self._content_length is not None:
@@ -192,26 +207,27 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self.parser
-        method = parser.get_method()
-        self._method = method
+        url = b"".join(self._url)
+        self._url = url
+        path = self._path = url.partition(b"?")[0]
+        method = self._method = parser.get_method()
+        version = parser.get_http_version()
+        if version not in HTTP_VERSIONS:
+            raise FramingError(505, "only HTTP/1.1 and HTTP/1.0 are supported")
         if self._upgrade or method == b"CONNECT":
             raise FramingError(400, "protocol upgrade and CONNECT are not supported")
         if self._chunked and self._content_length is not None:
             raise FramingError(400, "Content-Length together with Transfer-Encoding")
-        version = parser.get_http_version()
-        self._http10 = version != "1.1"
-        if self._chunked and self._http10:
+        if self._chunked and version == "1.0":
             raise FramingError(400, "Transfer-Encoding in an HTTP/1.0 request")
-        self._keep_alive = parser.should_keep_alive() and not self._http10
-        url = b"".join(self._url)
-        path = url.partition(b"?")[0]
-        limit = (self.config.max_batch_body_bytes if path == b"/batch"
-                 else self.config.max_body_bytes)
-        self._body_limit = limit
+        self._keep_alive = version == "1.1" and parser.should_keep_alive()
+        limit = self._body_limit = (self.config.max_batch_body_bytes if path == b"/batch"
+                                    else self.config.max_body_bytes)
         if self._content_length is not None and self._content_length > limit:
             raise FramingError(413, f"body larger than {limit} bytes")
         self._state = _BODY
-        self._set_deadline(self.loop.time() + self.config.body_timeout_s)
+        self._wire_bytes = 0
+        self._deadline = self.loop.time() + self.config.body_timeout_s
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
@@ -220,8 +236,7 @@ class HttpProtocol(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        url = b"".join(self._url)
-        path, _, query = url.partition(b"?")
+        path, _, query = self._url.partition(b"?")
         body = b"".join(self._body) if self._body else b""
         close = not self._keep_alive
         request = Request(self._method, path, query, self._headers, body, self.peer, close)
@@ -269,7 +284,7 @@ class HttpProtocol(asyncio.Protocol):
             retry = self.config.retry_after_s
             slot.data = http.error(503, f"storage unavailable: {error}", cors=True,
                                    headers=(("Retry-After", str(retry)),), close=slot.close)
-        if self.transport is not None and not self.transport.is_closing():
+        if self.transport is not None:
             self._flush()
 
     def _flush(self) -> None:
@@ -294,50 +309,46 @@ class HttpProtocol(asyncio.Protocol):
         transport.write(data)
         if close:
             self._closing = True
-            transport.close()
+            if self._state == _LINGER and transport.can_write_eof():
+                # Unread request bytes would make the kernel reset the connection and the
+                # client could lose this answer: half-close, drain for a moment, then close.
+                transport.write_eof()
+                self._deadline = self.loop.time() + LINGER_S
+                self._paused_writing = False
+                self._maybe_resume_reading(force=True)
+            else:
+                transport.close()
         elif not self._slots and self._state == _WAIT:
             self._state = _IDLE
-            self._set_deadline(self.loop.time() + self.config.keepalive_s)
+            self._deadline = self.loop.time() + self.config.keepalive_s
 
     def _fail(self, error: HttpError) -> None:
         """Answer a request that cannot be parsed further, after those before it, and close."""
         self._closing = True
+        self._state = _LINGER
+        self._wire_bytes = 0
+        self._deadline = None
         self.server.count_refusal(error.status)
-        self._answer(http.error(error.status, error.reason, headers=error.headers, close=True),
-                     True)
+        cors = self._path is None or self._path in INGEST_PATHS
+        self._answer(http.error(error.status, error.reason, cors=cors, headers=error.headers,
+                                close=True), True)
 
-    # ------------------------------------------------------------------ flow control, timer
+    # ------------------------------------------------------------------ flow control
 
     def _pause_reading(self) -> None:
         if not self._paused_reading and self.transport is not None:
             self._paused_reading = True
             self.transport.pause_reading()
 
-    def _maybe_resume_reading(self) -> None:
-        if self._paused_reading and not self._paused_writing and not self._closing:
+    def _maybe_resume_reading(self, force: bool = False) -> None:
+        if self._paused_reading and not self._paused_writing and (force or not self._closing):
             self._paused_reading = False
             self.transport.resume_reading()
 
-    def _set_deadline(self, deadline: float) -> None:
-        self._deadline = deadline
-        if self._timer is None:
-            self._timer = self.loop.call_at(deadline, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        if self._closing:
-            return
-        deadline = self._deadline
-        if deadline is None:
-            return  # an answer is being prepared; the next state change re-arms
-        if self.loop.time() >= deadline:
-            self._closing = True
-            self.transport.close()
-            return
-        self._timer = self.loop.call_at(deadline, self._on_timer)
-
     def shutdown(self) -> None:
         """Drain: answer what is in flight, then close; close idle connections now."""
+        if self.transport is None:
+            return
         if not self._slots and self._state in (_IDLE, _HEAD):
             self._closing = True
             self.transport.close()

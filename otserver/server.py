@@ -35,6 +35,22 @@ class Server:
         self.api = Api(store, config)
         self.handler = Handler(config, self.writer, self.api)
 
+    def start_clock(self) -> None:
+        """Check every connection's deadline a few times per shortest timeout."""
+        config = self.config
+        shortest = min(config.header_timeout_s, config.body_timeout_s, config.keepalive_s)
+        self._tick_s = max(0.05, min(1.0, shortest / 4))
+        self._tick()
+
+    def _tick(self) -> None:
+        now = self.loop.time()
+        for connection in list(self.connections):
+            connection.check_deadline(now)
+        self._tick_handle = self.loop.call_later(self._tick_s, self._tick)
+
+    def stop_clock(self) -> None:
+        self._tick_handle.cancel()
+
     def count_refusal(self, status: int) -> None:
         self.refusals[status] += 1
 
@@ -54,6 +70,7 @@ async def serve(config, *, stop: asyncio.Event | None = None) -> int:
     listener = await loop.create_server(
         lambda: HttpProtocol(server), config.host, config.port,
         backlog=4096, reuse_address=True, reuse_port=hasattr(socket, "SO_REUSEPORT"))
+    server.start_clock()
     address = listener.sockets[0].getsockname()
     log.info("otserver listening on http://%s:%d data_dir=%s", address[0], address[1],
              config.data_dir)
@@ -72,6 +89,7 @@ async def serve(config, *, stop: asyncio.Event | None = None) -> int:
             if not server.connections:
                 break
             await asyncio.sleep(0.05)
+        server.stop_clock()
         server.writer.close()
         store.close()
         log.info("otserver stopped: %d events stored in %d commits",
