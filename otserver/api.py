@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl, unquote_to_bytes
 from . import http
 from .errors import HttpError
 from .model import (R_CAPTURED, R_COUNT, R_FIRST, R_LAST, eid_to_key, event_record,
-                    folded_record, key_to_eid, now_ms)
+                    folded_record, key_to_eid, now_ms, session_key)
 
 ADMIN_SITE = "*"
 TOKEN_PREFIX = "ot_"
@@ -130,15 +130,27 @@ class Api:
         limit = self._page(params)
         after = self._after_eid(params)
         store = self.store
+        skey = session_key(si, sid)
         with store.read() as txn:
-            record = store.get_session(txn, si, sid)
+            record = store.get_session_by_key(txn, skey)
             if record is None:
                 raise HttpError(404, "no such session")
-            keys = store.session_event_keys(txn, si, sid, after, limit + 1)
-            events = [event_payload(k, store.get_event(txn, k)) for k in keys[:limit]]
+            start = 0
+            if after is not None:
+                stored = store.get_event(txn, after)
+                if stored is None or stored[1] != si or stored[2] != sid:
+                    raise HttpError(400, "after must be an eid of this session")
+                start = stored[6] + 1
+            keys = store.session_event_keys(txn, record, skey, start, limit)
+            events = []
+            for key in keys:
+                stored = store.get_event(txn, key)
+                if stored is not None:  # None: swept or erased since
+                    events.append(event_payload(key, stored))
         payload = record_payload("session", record)
         payload["events"] = events
-        payload["next_after"] = events[-1]["event"]["eid"] if len(keys) > limit else None
+        more = keys and start + len(keys) < record[R_COUNT]
+        payload["next_after"] = key_to_eid(keys[-1]) if more else None
         return payload
 
     def _user(self, si: str, uid: str, params: dict) -> dict:
@@ -183,7 +195,7 @@ class Api:
 
 
 def event_payload(key: bytes, stored) -> dict:
-    ts, si, sid, uid, props, captured = stored
+    ts, si, sid, uid, props, captured = stored[:6]
     return {"event": event_record(key_to_eid(key), ts, si, sid, uid, props),
             "captured": captured or {}}
 

@@ -35,14 +35,27 @@ def _show(raw: bytes, limit: int = 40) -> str:
     return text + ("..." if len(raw) > limit else "")
 
 
-def _unquote(raw: bytes, what: str) -> bytes:
+def _unquote(raw: bytes, name: bytes | None = None) -> bytes:
+    """Percent- and plus-decode a name (name=None) or the value of property `name`."""
     if b"+" in raw:
         raw = raw.replace(b"+", b" ")
     if b"%" in raw:
         if _BAD_PERCENT.search(raw):
+            what = f"property name '{_show(raw)}'" if name is None else f"property {_show(name)}"
             raise BadRequest(f"bad percent-encoding in {what}")
         raw = unquote_to_bytes(raw)
     return raw
+
+
+_valid_names: dict[bytes, str] = {}  # decoded name bytes -> str, for names seen valid
+
+
+def _check_name(name: bytes) -> str:
+    if not name:
+        raise BadRequest("empty property name")
+    if name.translate(None, PRINTABLE_ASCII):
+        raise BadRequest(f"bad property name '{_show(name)}': printable ASCII characters, no spaces")
+    return name.decode("ascii")
 
 
 def parse_properties(raw: bytes, config, into: dict | None = None) -> dict:
@@ -59,18 +72,23 @@ def parse_properties(raw: bytes, config, into: dict | None = None) -> dict:
         raise BadRequest(f"too many properties: at most {config.max_properties} per event")
     max_name = config.max_name_chars
     max_value = config.max_value_bytes
+    names = _valid_names
     for part in parts:
         if not part:
             continue
-        name, sep, value = part.partition(b"=")
-        name = _unquote(name, f"property name '{_show(name)}'")
-        if not name:
-            raise BadRequest("empty property name")
-        if len(name) > max_name or name.translate(None, PRINTABLE_ASCII):
-            raise BadRequest(
-                f"bad property name '{_show(name)}': 1 to {max_name} printable ASCII characters, no spaces")
-        key = name.decode("ascii")
-        value = _unquote(value, f"property {key}")
+        name, _, value = part.partition(b"=")
+        if b"%" in part or b"+" in part:
+            name = _unquote(name)
+            value = _unquote(value, name)
+        key = names.get(name)
+        if key is None:
+            if len(name) > max_name:
+                raise BadRequest(f"bad property name '{_show(name)}': longer than {max_name} characters")
+            key = _check_name(name)
+            if len(names) < 4096:
+                names[name] = key
+        elif len(key) > max_name:
+            raise BadRequest(f"bad property name '{_show(name)}': longer than {max_name} characters")
         if len(value) > max_value:
             raise BadRequest(f"property {key}: value longer than {max_value} bytes")
         try:
@@ -211,17 +229,20 @@ def event_record(eid: str, ts: int, si: str, sid: str, uid: str, props: dict) ->
 # --------------------------------------------------------------------------- folds
 #
 # A session or user record is a list, stored as msgpack:
-#   [si, own id, first_ts, event_count, last_ts, last_eid, other id, props, captured]
+#   [si, own id, first_ts, event_count, last_ts, last_eid, other id, props, captured, tail]
 # where "own id" is the sid of a session (the uid of a user) and "other id" the last event's uid
-# (sid). props and captured are dicts folded event by event.
+# (sid). props and captured are dicts folded event by event. A session's `tail` holds the keys
+# of its latest events (event_count % SESSION_CHUNK of them, 16 bytes each); every full
+# SESSION_CHUNK of keys moves to the session_chunks database (see store.py).
 
-R_SI, R_ID, R_FIRST, R_COUNT, R_LAST, R_EID, R_OTHER, R_PROPS, R_CAPTURED = range(9)
+R_SI, R_ID, R_FIRST, R_COUNT, R_LAST, R_EID, R_OTHER, R_PROPS, R_CAPTURED, R_TAIL = range(10)
+SESSION_CHUNK = 64
 
 
 def fold(record: list | None, ev: Event, own_id: str, other_id: str) -> list:
     """Fold one event into a session or user record (None: a new record)."""
     if record is None:
-        record = [ev.si, own_id, ev.ts, 0, ev.ts, ev.eid, other_id, {}, {}]
+        record = [ev.si, own_id, ev.ts, 0, ev.ts, ev.eid, other_id, {}, {}, b""]
     props = record[R_PROPS]
     for name, value in ev.props.items():
         if name.startswith("utm_") and name in props:
@@ -278,6 +299,12 @@ def session_key(si: str, sid: str) -> bytes:
 
 def user_key(si: str, uid: str) -> bytes:
     return site_key(si) + ident_key(uid)
+
+
+def chunk_key(skey: bytes, number: int) -> bytes:
+    """Key of a session's chunk of event keys: the session key, length-prefixed so that no
+    session's chunks sort among another's, then the chunk's number."""
+    return skey[:8] + (len(skey) - 8).to_bytes(2, "big") + skey[8:] + number.to_bytes(4, "big")
 
 
 def pair_key(ukey: bytes, skey: bytes) -> bytes:

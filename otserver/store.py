@@ -1,10 +1,13 @@
 """LMDB storage: one environment, named databases, batched writes, reads. No asyncio here.
 
 Databases (keys are bytes; values msgpack unless said):
-  events          eid(16, UUIDv7, time-ordered)          -> [ts, si, sid, uid, props, captured]
+  events          eid(16, UUIDv7, time-ordered)  -> [ts, si, sid, uid, props, captured, seq]
+                  (seq: the event's place in its session, from 0)
   sessions        site(8) + ident(sid)                   -> record (see model.fold)
   users           site(8) + ident(uid)                   -> record
-  session_events  session key  (dupsort, dupfixed)       -> eid(16), in time order
+  session_chunks  model.chunk_key(session key, n)        -> event keys seq 64n..64n+63, 16 bytes each
+                  (the latest event_count % 64 keys stay in the session record's tail, so most
+                  events add no page beyond their session's own)
   user_sessions   user key     (dupsort)                 -> first eid(16) + ident(sid), in time order
   user_pairs      pair_key(user key, session key)(16)    -> b""   (has this user been in this session?)
   sites           site(8)                                -> [si, first_ts]
@@ -30,13 +33,12 @@ import lmdb
 import msgpack
 
 from .errors import StoreFailed, StoreFull
-from .model import (R_FIRST, R_OTHER, Event, fold, ident_key, key_to_eid, pair_key,
-                    session_key, site_key, user_key)
+from .model import (R_COUNT, R_OTHER, R_TAIL, SESSION_CHUNK, Event, chunk_key, fold, ident_key,
+                    key_to_eid, pair_key, session_key, site_key, user_key)
 
-_DB_NAMES = ("events", "sessions", "users", "session_events", "user_sessions", "user_pairs",
+_DB_NAMES = ("events", "sessions", "users", "session_chunks", "user_sessions", "user_pairs",
              "sites", "tokens", "meta")
-_DUPSORT = {"session_events": {"dupsort": True, "dupfixed": True},
-            "user_sessions": {"dupsort": True}}
+_DUPSORT = {"user_sessions": {"dupsort": True}}
 SCHEMA_VERSION = b"1"
 
 packb = msgpack.Packer(use_bin_type=True).pack  # one Packer: no allocation per call
@@ -141,34 +143,39 @@ class Store:
     def _apply_batch(self, txn, events: list[Event]) -> None:
         db = self.db
         events_cur = txn.cursor(db=db["events"])
-        session_events = db["session_events"]
-        user_sessions = db["user_sessions"]
+        sessions_db, users_db = db["sessions"], db["users"]
         sessions: dict[bytes, list] = {}
         users: dict[bytes, list] = {}
         get = txn.get
         put = txn.put
+        chunk_bytes = SESSION_CHUNK * 16
         for ev in events:
-            value = packb([ev.ts, ev.si, ev.sid, ev.uid, ev.props, ev.captured])
+            site = site_key(ev.si)
+            if site not in self._known_sites:
+                self._note_site(txn, site, ev)
+
+            skey = site + ident_key(ev.sid)
+            session = sessions.get(skey)
+            if session is None:
+                raw = get(skey, db=sessions_db)
+                session = unpackb(raw) if raw is not None else None
+            previous_uid = session[R_OTHER] if session is not None else None
+            seq = session[R_COUNT] if session is not None else 0
+            session = sessions[skey] = fold(session, ev, ev.sid, ev.uid)
+            tail = session[R_TAIL] = session[R_TAIL] + ev.key
+            if len(tail) == chunk_bytes:
+                put(chunk_key(skey, seq // SESSION_CHUNK), tail, db=db["session_chunks"])
+                session[R_TAIL] = b""
+
+            value = packb([ev.ts, ev.si, ev.sid, ev.uid, ev.props, ev.captured, seq])
             if not events_cur.put(ev.key, value, append=True):
                 if not events_cur.put(ev.key, value, overwrite=False):
                     raise StoreFailed(f"duplicate eid {ev.eid}")
 
-            site = site_key(ev.si)
-            if site not in self._known_sites:
-                self._note_site(txn, site, ev)
-            skey = site + ident_key(ev.sid)
-            session = sessions.get(skey)
-            if session is None:
-                raw = get(skey, db=db["sessions"])
-                session = unpackb(raw) if raw is not None else None
-            previous_uid = session[R_OTHER] if session is not None else None
-            sessions[skey] = fold(session, ev, ev.sid, ev.uid)
-            put(skey, ev.key, db=session_events)
-
             ukey = site + ident_key(ev.uid)
             user = users.get(ukey)
             if user is None:
-                raw = get(ukey, db=db["users"])
+                raw = get(ukey, db=users_db)
                 user = unpackb(raw) if raw is not None else None
             users[ukey] = fold(user, ev, ev.uid, ev.sid)
 
@@ -177,12 +184,12 @@ class Store:
                 pair = pair_key(ukey, skey)
                 if previous_uid is None or get(pair, db=db["user_pairs"]) is None:
                     put(pair, b"", db=db["user_pairs"])
-                    put(ukey, ev.key + skey[8:], db=user_sessions)
+                    put(ukey, ev.key + skey[8:], db=db["user_sessions"])
 
         for skey, record in sessions.items():
-            put(skey, packb(record), db=db["sessions"])
+            put(skey, packb(record), db=sessions_db)
         for ukey, record in users.items():
-            put(ukey, packb(record), db=db["users"])
+            put(ukey, packb(record), db=users_db)
 
     def _note_site(self, txn, site: bytes, ev: Event) -> None:
         if txn.get(site, db=self.db["sites"]) is None:
@@ -199,27 +206,30 @@ class Store:
         return unpackb(raw) if raw is not None else None
 
     def get_session(self, txn, si: str, sid: str) -> list | None:
-        raw = txn.get(session_key(si, sid), db=self.db["sessions"])
-        return unpackb(raw) if raw is not None else None
+        return self.get_session_by_key(txn, session_key(si, sid))
 
     def get_user(self, txn, si: str, uid: str) -> list | None:
         raw = txn.get(user_key(si, uid), db=self.db["users"])
         return unpackb(raw) if raw is not None else None
 
-    def session_event_keys(self, txn, si: str, sid: str, after: bytes | None, limit: int) -> list[bytes]:
-        """Up to `limit` event keys of a session, in time order, strictly after `after`."""
-        skey = session_key(si, sid)
-        cur = txn.cursor(db=self.db["session_events"])
-        if after is None:
-            found = cur.set_key(skey)
-        else:
-            found = cur.set_range_dup(skey, after)
-            if found and cur.value() == after:
-                found = cur.next_dup()
+    def session_event_keys(self, txn, record: list, skey: bytes, start: int,
+                           limit: int) -> list[bytes]:
+        """Keys of a session's events number start.. (at most limit), in arrival order."""
+        count = record[R_COUNT]
+        end = min(count, start + limit)
         keys: list[bytes] = []
-        while found and len(keys) < limit:
-            keys.append(cur.value())
-            found = cur.next_dup()
+        spilled = count - len(record[R_TAIL]) // 16
+        position = start
+        while position < min(end, spilled):
+            number, offset = divmod(position, SESSION_CHUNK)
+            chunk = txn.get(chunk_key(skey, number), db=self.db["session_chunks"]) or b""
+            take = min(SESSION_CHUNK - offset, end - position)
+            keys += [chunk[i:i + 16] for i in range(offset * 16, (offset + take) * 16, 16)]
+            position += take
+        tail = record[R_TAIL]
+        for i in range(max(position, spilled), end):
+            at = (i - spilled) * 16
+            keys.append(tail[at:at + 16])
         return keys
 
     def user_session_entries(self, txn, si: str, uid: str, after: bytes | None,

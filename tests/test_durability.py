@@ -8,7 +8,7 @@ import time
 
 from conftest import read_response
 
-from otserver.model import eid_to_key
+from otserver.model import eid_to_key, session_key
 from otserver.store import Store
 
 
@@ -40,14 +40,16 @@ def _check_consistent(data_dir) -> None:
             cur = txn.cursor(db=store.db["events"])
             per_session: dict[str, int] = {}
             for key, _ in cur:
-                ts, si, sid, uid, props, captured = store.get_event(txn, key)
+                ts, si, sid, uid, props, captured, seq = store.get_event(txn, key)
                 assert store.get_session(txn, si, sid) is not None
                 assert store.get_user(txn, si, uid) is not None
                 per_session[sid] = per_session.get(sid, 0) + 1
             for sid, count in per_session.items():
                 session = store.get_session(txn, "durable", sid)
                 assert session[3] == count, f"session {sid}: record counts {session[3]}, has {count}"
-                assert len(store.session_event_keys(txn, "durable", sid, None, 10**9)) == count
+                keys = store.session_event_keys(txn, session, session_key("durable", sid), 0, 10**9)
+                assert len(keys) == len(set(keys)) == count
+                assert all(store.get_event(txn, k)[6] == seq for seq, k in enumerate(keys))
     finally:
         store.close()
 
