@@ -1,5 +1,7 @@
 -- Realistic tracking traffic for wrk: 10,000 users, 50,000 sessions (5 per user), page views and
--- custom events with 4-6 properties, browser headers. A pool of requests is built once per
+-- custom events with 4-6 properties, browser headers. Single events pick a session at random
+-- (the worst case for the store: every event touches a random session and user); a POST /batch
+-- carries one device's queue (one user, one or two sessions), as SDKs send it. A pool of requests is built once per
 -- thread so wrk spends its CPU on the network, not on string building.
 -- Environment: OT_PATH (/ or /batch), OT_PIPELINE (requests per write), OT_BATCH (events per
 -- POST /batch), OT_POOL (requests in the pool).
@@ -24,8 +26,8 @@ local function urlencode(s)
   return (s:gsub("[^%w%-%._~]", function(c) return string.format("%%%02X", string.byte(c)) end))
 end
 
-local function properties()
-  local session = math.random(0, 49999)
+local function properties(session)
+  session = session or math.random(0, 49999)
   local user = session % 10000
   local page = pages[math.random(#pages)]
   local parts = {
@@ -58,8 +60,15 @@ function init(args)
         ["Referer"] = "https://shop.example.com" .. page,
       }
       if path == "/batch" then
+        -- A batch is what an SDK flushes: one device's queued events, so one user and
+        -- one or two of that user's sessions (session s and s + 10000 share user s % 10000).
         local lines = {}
-        for b = 1, batch do lines[b] = (properties()) end
+        local first = math.random(0, 39999)
+        for b = 1, batch do
+          local session = first
+          if b > batch / 2 and first % 2 == 0 then session = first + 10000 end
+          lines[b] = (properties(session))
+        end
         headers["Content-Type"] = "text/plain;charset=UTF-8"
         one[p] = wrk.format("POST", "/batch", headers, table.concat(lines, "\n"))
       else

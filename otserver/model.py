@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import time
 from hashlib import blake2b
-from urllib.parse import unquote_to_bytes
 
 from .errors import BadRequest
 
 PRINTABLE_ASCII = bytes(range(0x21, 0x7F))
 SERVER_ASSIGNED = ("eid", "unixtimestamp")
-_BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 
 
 # --------------------------------------------------------------------------- properties
@@ -35,16 +32,28 @@ def _show(raw: bytes, limit: int = 40) -> str:
     return text + ("..." if len(raw) > limit else "")
 
 
+_HEX_BYTE = {f"{a}{b}".encode(): bytes([int(a + b, 16)])
+             for a in "0123456789abcdefABCDEF" for b in "0123456789abcdefABCDEF"}
+
+
 def _unquote(raw: bytes, name: bytes | None = None) -> bytes:
-    """Percent- and plus-decode a name (name=None) or the value of property `name`."""
+    """Percent- and plus-decode a name (name=None) or the value of property `name`.
+    A '%' not followed by two hex digits is refused."""
     if b"+" in raw:
         raw = raw.replace(b"+", b" ")
-    if b"%" in raw:
-        if _BAD_PERCENT.search(raw):
-            what = f"property name '{_show(raw)}'" if name is None else f"property {_show(name)}"
-            raise BadRequest(f"bad percent-encoding in {what}")
-        raw = unquote_to_bytes(raw)
-    return raw
+    if b"%" not in raw:
+        return raw
+    pieces = raw.split(b"%")
+    out = [pieces[0]]
+    hex_byte = _HEX_BYTE
+    try:
+        for piece in pieces[1:]:
+            out.append(hex_byte[piece[:2]])
+            out.append(piece[2:])
+    except KeyError:
+        what = f"property name '{_show(raw)}'" if name is None else f"property {_show(name)}"
+        raise BadRequest(f"bad percent-encoding in {what}") from None
+    return b"".join(out)
 
 
 _valid_names: dict[bytes, str] = {}  # decoded name bytes -> str, for names seen valid
