@@ -1,4 +1,4 @@
-"""The `otserver` command: serve | token create|list|revoke.
+"""The `otserver` command: serve | sweep | info | backup | token create|list|revoke.
 
 `build_config(args, environ)` turns flags and OTSERVER_* variables into a Config (flags win);
 `run` does the work. Every Config field is a `serve` flag named after it (`--max-url-bytes`,
@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from . import api
+from . import admin, api
 from .config import Config, convert, from_env, setting_name
 
 FIELD_HELP = {
@@ -44,6 +44,8 @@ FIELD_HELP = {
     "max_pending_events": "events waiting for a commit before ingest answers 503",
     "retry_after_s": "Retry-After seconds sent with 503",
     "ttl_s": "how long data is kept (units: s, m, h, d)",
+    "sweep_interval_s": "time between the sweeper's passes",
+    "sweep_step_limit": "deletions per sweeper transaction",
     "default_page_size": "read API page size when no limit is given",
     "max_page_size": "largest read API page",
 }
@@ -73,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(serve, dataclasses.fields(Config))
 
     data_dir_only = [f for f in dataclasses.fields(Config) if f.name == "data_dir"]
+    store_fields = [f for f in dataclasses.fields(Config)
+                    if f.name in ("data_dir", "max_store_bytes", "initial_store_bytes")]
+
+    sweep = sub.add_parser("sweep", help="delete what is older than the TTL, once, and exit")
+    _add_config_flags(sweep, [f for f in dataclasses.fields(Config)
+                              if f.name in ("data_dir", "ttl_s", "sweep_step_limit")])
+    info = sub.add_parser("info", help="counts, sizes, oldest and newest event")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_config_flags(info, data_dir_only)
+    backup = sub.add_parser("backup", help="write a consistent, compacted copy of the store")
+    backup.add_argument("dest", help="directory to create (must not hold a store already)")
+    _add_config_flags(backup, store_fields)
     token = sub.add_parser("token", help="manage read API tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)
     create = token_sub.add_parser("create", help="create a token for SITE (* for every site)")
@@ -108,6 +122,12 @@ def run(args: argparse.Namespace, config: Config) -> int:
     from .server import open_store
     store = open_store(config)
     try:
+        if args.command == "sweep":
+            return admin.sweep(store, config)
+        if args.command == "info":
+            return admin.print_info(store, as_json=args.json)
+        if args.command == "backup":
+            return admin.backup(store, args.dest)
         if args.token_command == "create":
             token, ident = api.create_token(store, args.site, args.label)
             print(token)

@@ -104,6 +104,8 @@ class Config:
     max_pending_events: int = 50_000
     retry_after_s: int = 1
     ttl_s: float = 60 * 86400.0
+    sweep_interval_s: float = 60.0
+    sweep_step_limit: int = 1000
 
     # read API paging
     default_page_size: int = 100

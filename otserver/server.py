@@ -14,6 +14,7 @@ from collections import Counter
 import uvloop
 
 from .api import Api
+from .model import now_ms
 from .handler import Handler
 from .protocol import HttpProtocol
 from .store import Store
@@ -51,6 +52,47 @@ class Server:
     def stop_clock(self) -> None:
         self._tick_handle.cancel()
 
+    # ------------------------------------------------------------------ retention
+
+    def start_sweeper(self, clock=now_ms) -> None:
+        """Sweep soon after start, then every sweep_interval_s; each step is one writer job
+        (a bounded transaction) taking turns with ingest batches."""
+        self._clock = clock
+        self._sweeping = True
+        self.swept = {"events": 0, "sessions": 0, "users": 0, "passes": 0}
+        self._pass = dict.fromkeys(("events", "sessions", "users"), 0)
+        self._sweep_handle = self.loop.call_later(1.0, self._sweep_step)
+
+    def _sweep_step(self) -> None:
+        self._sweep_handle = None
+        ttl_ms = int(self.config.ttl_s * 1000)
+        self.writer.run_job(self.store.sweep_step,
+                            (self._clock(), ttl_ms, self.config.sweep_step_limit), self._swept)
+
+    def _swept(self, result, error) -> None:
+        if not self._sweeping:
+            return
+        if error is not None:
+            log.error("sweeper step failed: %s", error)
+        else:
+            for name in self._pass:
+                self._pass[name] += result[name]
+                self.swept[name] += result[name]
+            if result["more"]:
+                self._sweep_step()
+                return
+            self.swept["passes"] += 1
+            if any(self._pass.values()):
+                log.info("sweeper: deleted %(events)d events, %(sessions)d sessions, "
+                         "%(users)d users", self._pass)
+            self._pass = dict.fromkeys(self._pass, 0)
+        self._sweep_handle = self.loop.call_later(self.config.sweep_interval_s, self._sweep_step)
+
+    def stop_sweeper(self) -> None:
+        self._sweeping = False
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+
     def count_refusal(self, status: int) -> None:
         self.refusals[status] += 1
 
@@ -71,6 +113,7 @@ async def serve(config, *, stop: asyncio.Event | None = None) -> int:
         lambda: HttpProtocol(server), config.host, config.port,
         backlog=4096, reuse_address=True, reuse_port=hasattr(socket, "SO_REUSEPORT"))
     server.start_clock()
+    server.start_sweeper()
     address = listener.sockets[0].getsockname()
     log.info("otserver listening on http://%s:%d data_dir=%s", address[0], address[1],
              config.data_dir)
@@ -82,6 +125,7 @@ async def serve(config, *, stop: asyncio.Event | None = None) -> int:
     finally:
         log.info("otserver stopping: draining %d connections", len(server.connections))
         listener.close()
+        server.stop_sweeper()
         for connection in list(server.connections):
             connection.shutdown()
         await server.writer.drain()

@@ -9,7 +9,11 @@ Databases (keys are bytes; values msgpack unless said):
                   (the latest event_count % 64 keys stay in the session record's tail, so most
                   events add no page beyond their session's own)
   user_sessions   user key     (dupsort)                 -> first eid(16) + ident(sid), in time order
-  user_pairs      pair_key(user key, session key)(16)    -> b""   (has this user been in this session?)
+  session_users   session key  (dupsort)                 -> user key (every user seen in the session)
+  user_pairs      pair_key(user key, session key)(16)    -> first eid(16) of the user in the session
+  expiry          hour(4) + b"S"|b"U" + record key       -> b""  (sessions and users by the hour of
+                  their last event: the sweeper's range scan; moved only when a record's last
+                  event falls in a new hour)
   sites           site(8)                                -> [si, first_ts]
   tokens          sha256(token)(32)                      -> [site, created_ms, label]
 
@@ -21,6 +25,9 @@ Invariants:
   A map grown by a sibling process is adopted (MapResizedError).
 - Resizing needs no transaction open in this process: reads and the resize share `_resize_lock`.
 - Exactly one thread of a process writes: the writer (or a CLI command, which has no writer).
+- Retention (`sweep_step`) deletes, in small transactions, events older than the TTL (oldest
+  first: the events database is in time order) and then sessions and users whose last event is
+  older than it, with every index entry that names them.
 """
 from __future__ import annotations
 
@@ -33,12 +40,14 @@ import lmdb
 import msgpack
 
 from .errors import StoreFailed, StoreFull
-from .model import (R_COUNT, R_OTHER, R_TAIL, SESSION_CHUNK, Event, chunk_key, fold, ident_key,
-                    key_to_eid, pair_key, session_key, site_key, user_key)
+from .model import (R_COUNT, R_LAST, R_OTHER, R_TAIL, SESSION_CHUNK, Event, chunk_key, fold,
+                    ident_key, key_to_eid, pair_key, session_key, site_key, user_key)
 
-_DB_NAMES = ("events", "sessions", "users", "session_chunks", "user_sessions", "user_pairs",
-             "sites", "tokens", "meta")
-_DUPSORT = {"user_sessions": {"dupsort": True}}
+_DB_NAMES = ("events", "sessions", "users", "session_chunks", "user_sessions", "session_users",
+             "user_pairs", "expiry", "sites", "tokens", "meta")
+_DUPSORT = {"user_sessions": {"dupsort": True}, "session_users": {"dupsort": True}}
+HOUR_MS = 3_600_000
+KIND_SESSION, KIND_USER = b"S", b"U"
 SCHEMA_VERSION = b"1"
 
 packb = msgpack.Packer(use_bin_type=True).pack  # one Packer: no allocation per call
@@ -146,6 +155,7 @@ class Store:
         sessions_db, users_db = db["sessions"], db["users"]
         sessions: dict[bytes, list] = {}
         users: dict[bytes, list] = {}
+        loaded_last: dict[bytes, int | None] = {}  # record key -> its last_ts as stored before
         get = txn.get
         put = txn.put
         chunk_bytes = SESSION_CHUNK * 16
@@ -159,6 +169,7 @@ class Store:
             if session is None:
                 raw = get(skey, db=sessions_db)
                 session = unpackb(raw) if raw is not None else None
+                loaded_last[KIND_SESSION + skey] = session[R_LAST] if session is not None else None
             previous_uid = session[R_OTHER] if session is not None else None
             seq = session[R_COUNT] if session is not None else 0
             session = sessions[skey] = fold(session, ev, ev.sid, ev.uid)
@@ -177,19 +188,121 @@ class Store:
             if user is None:
                 raw = get(ukey, db=users_db)
                 user = unpackb(raw) if raw is not None else None
+                loaded_last[KIND_USER + ukey] = user[R_LAST] if user is not None else None
             users[ukey] = fold(user, ev, ev.uid, ev.sid)
 
             # The user's list of sessions gains this session the first time the user is in it.
             if previous_uid != ev.uid:
                 pair = pair_key(ukey, skey)
                 if previous_uid is None or get(pair, db=db["user_pairs"]) is None:
-                    put(pair, b"", db=db["user_pairs"])
+                    put(pair, ev.key, db=db["user_pairs"])
                     put(ukey, ev.key + skey[8:], db=db["user_sessions"])
+                    put(skey, ukey, db=db["session_users"])
 
-        for skey, record in sessions.items():
-            put(skey, packb(record), db=sessions_db)
-        for ukey, record in users.items():
-            put(ukey, packb(record), db=users_db)
+        for kind, records, target in ((KIND_SESSION, sessions, sessions_db),
+                                      (KIND_USER, users, users_db)):
+            for key, record in records.items():
+                put(key, packb(record), db=target)
+                self._move_expiry(txn, kind, key, loaded_last[kind + key], record[R_LAST])
+
+    def _move_expiry(self, txn, kind: bytes, key: bytes, old_ts: int | None, new_ts: int) -> None:
+        new_hour = new_ts // HOUR_MS
+        if old_ts is not None:
+            old_hour = old_ts // HOUR_MS
+            if old_hour == new_hour:
+                return
+            txn.delete(old_hour.to_bytes(4, "big") + kind + key, db=self.db["expiry"])
+        txn.put(new_hour.to_bytes(4, "big") + kind + key, b"", db=self.db["expiry"])
+
+    # ------------------------------------------------------------------ retention
+
+    def sweep_step(self, now_ms: int, ttl_ms: int, limit: int = 1000) -> dict:
+        """Delete up to `limit` expired things in one transaction.
+
+        -> {"events": n, "sessions": n, "users": n, "more": bool}; `more` says a further step
+        would find more to delete.
+        """
+        return self.write(self._apply_sweep, now_ms - ttl_ms, limit)
+
+    def _apply_sweep(self, txn, cutoff_ms: int, limit: int) -> dict:
+        db = self.db
+        done = {"events": 0, "sessions": 0, "users": 0, "more": False}
+        budget = limit
+        # Events: the database is in time order, so expired ones are a prefix of it.
+        cutoff_key = (max(cutoff_ms, 0) << 80).to_bytes(16, "big")
+        # (Cursor.delete() moves to the next entry, but says only that it deleted: the cursor
+        # is past the end when key() is empty.)
+        cur = txn.cursor(db=db["events"])
+        cur.first()
+        while cur.key() and cur.key() < cutoff_key:
+            if budget == 0:
+                done["more"] = True
+                return done
+            ts, si, sid, uid, props, captured, seq = unpackb(cur.value())
+            if seq % SESSION_CHUNK == SESSION_CHUNK - 1:  # the last of its chunk: the chunk goes
+                txn.delete(chunk_key(session_key(si, sid), seq // SESSION_CHUNK),
+                           db=db["session_chunks"])
+            cur.delete()
+            done["events"] += 1
+            budget -= 1
+        # Sessions and users whose last event is older than the cutoff, hour by hour.
+        cutoff_hour = cutoff_ms // HOUR_MS
+        cur = txn.cursor(db=db["expiry"])
+        cur.first()
+        young = 0  # skipped in the cutoff's own hour; bounded so a step stays small
+        while young < 20 * limit:
+            entry = cur.key()
+            if not entry or int.from_bytes(entry[:4], "big") > cutoff_hour:
+                break
+            if budget == 0:
+                done["more"] = True
+                return done
+            kind, key = entry[4:5], entry[5:]
+            target = db["sessions"] if kind == KIND_SESSION else db["users"]
+            raw = txn.get(key, db=target)
+            if raw is not None and unpackb(raw)[R_LAST] >= cutoff_ms:
+                cur.next()  # the cutoff's own hour: this one is still young
+                young += 1
+                continue
+            if raw is not None:
+                if kind == KIND_SESSION:
+                    self._delete_session(txn, key)
+                    done["sessions"] += 1
+                else:
+                    self._delete_user(txn, key)
+                    done["users"] += 1
+            cur.delete()
+            budget -= 1
+        return done
+
+    def _delete_session(self, txn, skey: bytes) -> None:
+        db = self.db
+        prefix = chunk_key(skey, 0)[:-4]
+        cur = txn.cursor(db=db["session_chunks"])
+        cur.set_range(prefix)
+        while cur.key()[:-4] == prefix:
+            cur.delete()
+        cur = txn.cursor(db=db["session_users"])
+        if cur.set_key(skey):
+            for ukey in list(cur.iternext_dup()):
+                pair = pair_key(ukey, skey)
+                first = txn.get(pair, db=db["user_pairs"])
+                if first is not None:
+                    txn.delete(ukey, first + skey[8:], db=db["user_sessions"])
+                    txn.delete(pair, db=db["user_pairs"])
+            txn.delete(skey, db=db["session_users"])
+        txn.delete(skey, db=db["sessions"])
+
+    def _delete_user(self, txn, ukey: bytes) -> None:
+        db = self.db
+        cur = txn.cursor(db=db["user_sessions"])
+        if cur.set_key(ukey):
+            for entry in list(cur.iternext_dup()):
+                skey = ukey[:8] + entry[16:]
+                txn.delete(pair_key(ukey, skey), db=db["user_pairs"])
+                txn.delete(skey, ukey, db=db["session_users"])
+            txn.delete(ukey, db=db["user_sessions"])
+        txn.delete(ukey, db=db["users"])
 
     def _note_site(self, txn, site: bytes, ev: Event) -> None:
         if txn.get(site, db=self.db["sites"]) is None:

@@ -29,6 +29,8 @@ class Writer:
         self.on_commit = on_commit  # f(events, seconds) after each successful commit
         self.pending_events = 0  # accepted, not yet answered (waiting + in flight)
         self._waiting: list = []  # (events, callback, arg) for the next batch
+        self._jobs: list = []  # (function, args, callback): other work for the writer thread
+        self._last_was_job = False
         self._in_flight = False
         self._scheduled = False
         self._batches: queue.SimpleQueue = queue.SimpleQueue()
@@ -53,13 +55,37 @@ class Writer:
             self.loop.call_soon(self._dispatch)
         return True
 
+    def run_job(self, function, args: tuple, callback) -> None:
+        """Run function(*args) on the writer thread between batches (never two at once);
+        then callback(result, error) on the loop. Jobs and batches take turns under load."""
+        self._jobs.append((function, args, callback))
+        if not self._in_flight and not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._dispatch)
+
     def _dispatch(self) -> None:
         self._scheduled = False
-        if self._in_flight or not self._waiting:
+        if self._in_flight:
+            return
+        if self._jobs and (not self._waiting or not self._last_was_job):
+            self._in_flight = True
+            self._last_was_job = True
+            self._batches.put(self._jobs.pop(0))
+            return
+        if not self._waiting:
             return
         batch, self._waiting = self._waiting, []
         self._in_flight = True
+        self._last_was_job = False
         self._batches.put(batch)
+
+    def _job_done(self, callback, result, error) -> None:
+        self._in_flight = False
+        self.last_progress = time.monotonic()
+        try:
+            callback(result, error)
+        finally:
+            self._after_work()
 
     def _done(self, batch: list, error: BaseException | None, events: list, seconds: float) -> None:
         self._in_flight = False
@@ -72,7 +98,10 @@ class Writer:
             callback(arg, error)
         if error is None and self.on_commit is not None:
             self.on_commit(events, seconds)
-        if self._waiting:
+        self._after_work()
+
+    def _after_work(self) -> None:
+        if self._waiting or self._jobs:
             self._dispatch()
         elif self._idle_waiters:
             for fut in self._idle_waiters:
@@ -102,6 +131,9 @@ class Writer:
             batch = self._batches.get()
             if batch is None:
                 return
+            if type(batch) is tuple:
+                self._run_job(*batch)
+                continue
             events = [ev for evs, _, _ in batch for ev in evs]
             started = time.perf_counter()
             error: BaseException | None = None
@@ -116,3 +148,14 @@ class Writer:
                 self.loop.call_soon_threadsafe(self._done, batch, error, events, seconds)
             except RuntimeError:  # the loop is closed: the process is going away
                 return
+
+    def _run_job(self, function, args, callback) -> None:
+        result = error = None
+        try:
+            result = function(*args)
+        except Exception as exc:
+            error = exc
+        try:
+            self.loop.call_soon_threadsafe(self._job_done, callback, result, error)
+        except RuntimeError:
+            pass
