@@ -80,3 +80,77 @@ def backup(store, dest: str, *, out=sys.stderr) -> int:
     size = os.path.getsize(os.path.join(dest, "data.mdb"))
     print(f"backed up {store.path} to {dest} ({size / (1 << 20):.1f} MiB, compacted)", file=out)
     return 0
+
+
+def export(store, si: str, start_ms: int, end_ms: int, *, out=sys.stdout, err=sys.stderr,
+           page: int = 10_000) -> int:
+    """Write a site's events with start_ms <= time < end_ms as NDJSON, oldest first."""
+    from .api import event_payload, time_key
+    progress = err.isatty()
+    start = time_key(start_ms)
+    end = time_key(end_ms)
+    written = 0
+    while True:
+        with store.read() as txn:
+            keys = store.site_event_keys(txn, si, start, end, page)
+            lines = [json.dumps(event_payload(key, stored), ensure_ascii=False,
+                                separators=(",", ":"))
+                     for key in keys if (stored := store.get_event(txn, key)) is not None]
+        if lines:
+            out.write("\n".join(lines) + "\n")
+        written += len(lines)
+        if progress:
+            err.write(f"\rexported {written:,} events")
+            err.flush()
+        if len(keys) < page:
+            break
+        start = (int.from_bytes(keys[-1], "big") + 1).to_bytes(16, "big")
+    if progress:
+        err.write("\n")
+    print(f"exported {written} events of site {si!r}", file=err)
+    return 0
+
+
+def import_events(store, lines, config, *, err=sys.stderr, batch_size: int = 1000) -> int:
+    """Store events read as NDJSON (as `export` writes them), keeping their eids and times.
+    Events already in the store are skipped, so an import can be run again after a failure."""
+    from .errors import BadRequest
+    from .model import Event, eid_to_key
+    imported = skipped = 0
+    batch: list = []
+
+    def flush() -> None:
+        nonlocal imported, skipped
+        with store.read() as txn:
+            fresh = [ev for ev in batch if store.get_event(txn, ev.key) is None]
+        skipped += len(batch) - len(fresh)
+        if fresh:
+            store.write_batch(fresh)
+        imported += len(fresh)
+        batch.clear()
+
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            record = dict(item["event"])
+            eid = record.pop("eid")
+            key = eid_to_key(eid)
+            if key is None:
+                raise ValueError(f"bad eid {eid!r}")
+            ts = int(record.pop("unixtimestamp"))
+            si, sid, uid = record.pop("si"), record.pop("sid"), record.pop("uid")
+            props = {str(k): str(v) for k, v in record.items()}
+            if not si or not sid or not uid:
+                raise ValueError("si, sid and uid are required")
+        except (ValueError, KeyError, TypeError, BadRequest) as exc:
+            print(f"otserver: line {number}: {exc}", file=err)
+            return 1
+        batch.append(Event(eid, key, ts, si, sid, uid, props, item.get("captured") or None))
+        if len(batch) >= batch_size:
+            flush()
+    if batch:
+        flush()
+    print(f"imported {imported} events ({skipped} already present)", file=err)
+    return 0

@@ -15,6 +15,7 @@ import binascii
 import hashlib
 import json
 import secrets
+from datetime import datetime, timezone
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 from . import http
@@ -57,19 +58,34 @@ class Api:
             b"sessions": self._session,
             b"users": self._user,
         }
+        self.collections = {
+            b"events": self._list_events,
+            b"stats": self._stats,
+            b"live": self._live,
+        }
 
-    def handle(self, req) -> bytes:
+    def handle(self, req):
         try:
             return self._handle(req)
         except HttpError as exc:
             return _json(exc.status, {"error": exc.reason}, head=req.head, headers=exc.headers)
 
-    def _handle(self, req) -> bytes:
-        parts = req.path.split(b"/")  # ['', 'api', 'v1', kind, id]
-        if len(parts) != 5 or parts[2] != b"v1" or parts[3] not in self.routes or not parts[4]:
+    def _handle(self, req):
+        parts = req.path.split(b"/")  # ['', 'api', 'v1', kind] or ['', 'api', 'v1', kind, id]
+        if len(parts) not in (4, 5) or parts[2] != b"v1":
             raise HttpError(404, "not found")
-        if req.method not in (b"GET", b"HEAD"):
-            raise HttpError(405, "method not allowed", headers=(("Allow", "GET, HEAD"),))
+        kind = parts[3]
+        if len(parts) == 4:
+            handler = self.collections.get(kind)
+            allowed = (b"GET", b"HEAD")
+        else:
+            handler = self.routes.get(kind) if parts[4] else None
+            allowed = (b"GET", b"HEAD", b"DELETE") if kind == b"users" else (b"GET", b"HEAD")
+        if handler is None:
+            raise HttpError(404, "not found")
+        if req.method not in allowed:
+            raise HttpError(405, "method not allowed",
+                            headers=(("Allow", b", ".join(allowed).decode()),))
         site = self._authorize(req)
         params = self._params(req.query)
         si = params.get("si")
@@ -77,11 +93,15 @@ class Api:
             raise HttpError(400, "missing query parameter: si")
         if site != ADMIN_SITE and site != si:
             raise HttpError(403, "this token is not for site " + json.dumps(si))
+        if len(parts) == 4:
+            return handler(req, si, params)
         try:
             ident = unquote_to_bytes(parts[4]).decode("utf-8")
         except UnicodeDecodeError:
             raise HttpError(404, "not found") from None
-        payload = self.routes[parts[3]](si, ident, params)
+        if req.method == b"DELETE":
+            return _json(200, self._erase(si, ident))
+        payload = handler(si, ident, params)
         return _json(200, payload, head=req.head)
 
     # ------------------------------------------------------------------ auth and parameters
@@ -106,12 +126,14 @@ class Api:
         except (UnicodeDecodeError, ValueError):
             raise HttpError(400, "query string is not valid UTF-8") from None
 
-    def _page(self, params: dict) -> int:
+    def _page(self, params: dict, default: int | None = None, most: int | None = None) -> int:
+        default = self.config.default_page_size if default is None else default
+        most = self.config.max_page_size if most is None else most
         text = params.get("limit")
         if text is None:
-            return self.config.default_page_size
-        if not text.isdigit() or not 1 <= int(text) <= self.config.max_page_size:
-            raise HttpError(400, f"limit must be 1 to {self.config.max_page_size}")
+            return default
+        if not text.isdigit() or not 1 <= int(text) <= most:
+            raise HttpError(400, f"limit must be 1 to {most}")
         return int(text)
 
     # ------------------------------------------------------------------ resources
@@ -173,6 +195,74 @@ class Api:
                                  if len(entries) > limit else None)
         return payload
 
+    def _erase(self, si: str, uid: str) -> dict:
+        erased = self.store.erase_user(si, uid)
+        if erased is None:
+            raise HttpError(404, "no such user")
+        return {"erased": erased}
+
+    # ------------------------------------------------------------------ reports
+
+    def _list_events(self, req, si: str, params: dict) -> bytes:
+        """A page of the site's events in time order, as NDJSON; `X-Next-After` names the
+        cursor for the next page when this one is full."""
+        now = now_ms()
+        start = parse_time(params, "from", 0)
+        end = parse_time(params, "to", now + 1)
+        # New events are keyed by their receive time; one that waited for a commit may land a
+        # little behind the newest listed. Listing only what is LISTING_SETTLE_MS old keeps a
+        # cursor from ever stepping over such an event.
+        end = min(end, now - LISTING_SETTLE_MS)
+        limit = self._page(params, default=self.config.max_page_size,
+                           most=self.config.max_listing_page)
+        start_key = time_key(start)
+        after = self._after_eid(params)
+        if after is not None and after >= start_key:
+            start_key = (int.from_bytes(after, "big") + 1).to_bytes(16, "big")
+        store = self.store
+        lines = []
+        with store.read() as txn:
+            keys = store.site_event_keys(txn, si, start_key, time_key(max(end, 0)), limit)
+            for key in keys:
+                stored = store.get_event(txn, key)
+                if stored is not None:
+                    lines.append(json.dumps(event_payload(key, stored), ensure_ascii=False,
+                                            separators=(",", ":")))
+        body = ("\n".join(lines) + "\n").encode() if lines else b""
+        headers = (("X-Next-After", key_to_eid(keys[-1])),) if len(keys) == limit else ()
+        return http.render(200, body, content_type=http.NDJSON, head=req.head, headers=headers)
+
+    def _stats(self, req, si: str, params: dict) -> bytes:
+        bucket = params.get("bucket", "hour")
+        size = BUCKETS.get(bucket)
+        if size is None:
+            raise HttpError(400, "bucket must be minute, hour or day")
+        now = now_ms()
+        end = parse_time(params, "to", now + 1)
+        start = parse_time(params, "from", end - 86_400_000)
+        if start >= end:
+            raise HttpError(400, "from must be before to")
+        buckets: dict[int, list] = {}
+        with self.store.read() as txn:
+            for minute, counter in self.store.minute_counters(
+                    txn, si, start // 60_000, -(-end // 60_000)):
+                first = minute * 60_000 // size * size
+                into = buckets.setdefault(first, [0, 0, 0])
+                for i in range(3):
+                    into[i] += counter[i]
+        rows = [{"start": first, "events": c[0], "new_sessions": c[1], "new_users": c[2]}
+                for first, c in sorted(buckets.items())]
+        totals = {"events": sum(r["events"] for r in rows),
+                  "new_sessions": sum(r["new_sessions"] for r in rows),
+                  "new_users": sum(r["new_users"] for r in rows)}
+        return _json(200, {"si": si, "bucket": bucket, "from": start, "to": end,
+                           "buckets": rows, "totals": totals}, head=req.head)
+
+    def _live(self, req, si: str, params: dict):
+        if req.head:
+            raise HttpError(405, "method not allowed", headers=(("Allow", "GET"),))
+        return LiveStream(si)
+
     @staticmethod
     def _after_eid(params: dict) -> bytes | None:
         text = params.get("after")
@@ -192,6 +282,40 @@ class Api:
             return base64.urlsafe_b64decode(text.encode())
         except (binascii.Error, ValueError):
             raise HttpError(400, "after must be a cursor from next_after") from None
+
+
+LISTING_SETTLE_MS = 1000
+BUCKETS = {"minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
+
+
+class LiveStream:
+    """The answer to /api/v1/live: the protocol turns the connection into an event stream."""
+
+    __slots__ = ("si",)
+
+    def __init__(self, si: str):
+        self.si = si
+
+
+def time_key(ms: int) -> bytes:
+    """The smallest event key of millisecond `ms` (UUIDv7 keys start with the time)."""
+    return (max(0, min(ms, (1 << 48) - 1)) << 80).to_bytes(16, "big")
+
+
+def parse_time(params: dict, name: str, default: int) -> int:
+    """A time parameter as unix milliseconds: given as milliseconds or ISO 8601."""
+    text = params.get(name)
+    if not text:
+        return default
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise HttpError(400, f"{name} must be unix milliseconds or ISO 8601") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp() * 1000)
 
 
 def event_payload(key: bytes, stored) -> dict:

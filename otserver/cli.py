@@ -1,4 +1,4 @@
-"""The `otserver` command: serve | sweep | info | backup | token create|list|revoke.
+"""The `otserver` command: serve | sweep | info | backup | export | import | token ....
 
 `build_config(args, environ)` turns flags and OTSERVER_* variables into a Config (flags win);
 `run` does the work. Every Config field is a `serve` flag named after it (`--max-url-bytes`,
@@ -15,6 +15,8 @@ import sys
 
 from . import admin, api
 from .config import Config, convert, from_env, setting_name
+from .errors import HttpError
+from .model import now_ms
 
 FIELD_HELP = {
     "host": "address to listen on",
@@ -48,6 +50,9 @@ FIELD_HELP = {
     "sweep_step_limit": "deletions per sweeper transaction",
     "default_page_size": "read API page size when no limit is given",
     "max_page_size": "largest read API page",
+    "max_listing_page": "most events in one page of GET /api/v1/events",
+    "live_buffer_bytes": "unsent bytes a live subscriber may fall behind before it is dropped",
+    "live_heartbeat_s": "time between heartbeat comments on idle live streams",
 }
 
 
@@ -84,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="counts, sizes, oldest and newest event")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     _add_config_flags(info, data_dir_only)
+    export = sub.add_parser("export", help="write a site's events as NDJSON on stdout")
+    export.add_argument("--si", required=True, help="the site")
+    export.add_argument("--from", dest="start", default=None,
+                        help="first time (unix ms or ISO 8601; default: the oldest)")
+    export.add_argument("--to", dest="end", default=None,
+                        help="end time, exclusive (unix ms or ISO 8601; default: now)")
+    _add_config_flags(export, data_dir_only)
+    importer = sub.add_parser("import", help="store events from NDJSON (as export writes it)")
+    importer.add_argument("file", nargs="?", default="-", help="NDJSON file (default: stdin)")
+    _add_config_flags(importer, store_fields)
     backup = sub.add_parser("backup", help="write a consistent, compacted copy of the store")
     backup.add_argument("dest", help="directory to create (must not hold a store already)")
     _add_config_flags(backup, store_fields)
@@ -128,6 +143,15 @@ def run(args: argparse.Namespace, config: Config) -> int:
             return admin.print_info(store, as_json=args.json)
         if args.command == "backup":
             return admin.backup(store, args.dest)
+        if args.command == "export":
+            times = {"from": args.start, "to": args.end}
+            return admin.export(store, args.si, api.parse_time(times, "from", 0),
+                                api.parse_time(times, "to", now_ms() + 1))
+        if args.command == "import":
+            if args.file == "-":
+                return admin.import_events(store, sys.stdin, config)
+            with open(args.file, encoding="utf-8") as lines:
+                return admin.import_events(store, lines, config)
         if args.token_command == "create":
             token, ident = api.create_token(store, args.site, args.label)
             print(token)
@@ -160,8 +184,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"otserver: {exc}")
     try:
         return run(args, config)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         raise SystemExit(f"otserver: {exc}")
+    except HttpError as exc:  # a bad --from/--to
+        raise SystemExit(f"otserver: {exc.reason}")
 
 
 if __name__ == "__main__":

@@ -110,6 +110,11 @@ class Config:
     # read API paging
     default_page_size: int = 100
     max_page_size: int = 1000
+    max_listing_page: int = 10_000
+
+    # live stream (SSE)
+    live_buffer_bytes: int = 1 * MIB
+    live_heartbeat_s: float = 15.0
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)

@@ -33,6 +33,10 @@ PREFLIGHT_HEADERS = (b"Access-Control-Allow-Methods: GET, POST, OPTIONS\r\n"
 COMMON_HEADERS = b"X-Content-Type-Options: nosniff\r\n"
 CLOSE = b"Connection: close\r\n"
 
+# The head of a Server-Sent Events answer, up to its Date line (close-delimited body).
+SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\n"
+            b"X-Accel-Buffering: no\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n")
+
 _date_second = -1
 _date_line = b""
 

@@ -29,7 +29,7 @@ KEPT_HEADERS = frozenset((b"content-type", b"user-agent", b"referer", b"x-forwar
 HTTP_VERSIONS = ("1.1", "1.0")
 LINGER_S = 2.0  # after an error answer, how long unread request bytes are drained before close
 
-_IDLE, _HEAD, _BODY, _WAIT, _LINGER = range(5)
+_IDLE, _HEAD, _BODY, _WAIT, _LINGER, _LIVE = range(6)
 
 
 class _StopParsing(Exception):
@@ -52,7 +52,7 @@ class HttpProtocol(asyncio.Protocol):
         "_state", "_deadline", "_slots", "_closing", "_paused_reading", "_paused_writing",
         "_url", "_url_bytes", "_wire_bytes", "_header_bytes", "_header_count", "_headers",
         "_content_length", "_chunked", "_upgrade", "_body", "_body_bytes", "_body_limit",
-        "_method", "_path", "_keep_alive", "_messages", "_head_limit",
+        "_method", "_path", "_keep_alive", "_messages", "_head_limit", "_live_si",
     )
 
     def __init__(self, server) -> None:
@@ -70,6 +70,7 @@ class HttpProtocol(asyncio.Protocol):
         self._state = _IDLE
         self._messages = 0
         self._path = None
+        self._live_si = None
         self._head_limit = self.config.max_url_bytes + self.config.max_header_bytes
 
     # ------------------------------------------------------------------ connection
@@ -86,6 +87,8 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self._closing = True
         self.server.connections.discard(self)
+        if self._live_si is not None:
+            self.server.live.unsubscribe(self._live_si, self)
         self._slots.clear()
         self.transport = None
 
@@ -244,10 +247,14 @@ class HttpProtocol(asyncio.Protocol):
         self._state = _WAIT
         self._deadline = None
         result = self.handler.handle(request)
-        if type(result) is bytes:
+        kind = type(result)
+        if kind is bytes:
             self._answer(result, close)
-        else:
+        elif kind is IngestJob:
             self._submit(result, close)
+        else:
+            self._start_live(result)
+            return
         if close:
             self._closing = True  # parse nothing after a request that ends the connection
 
@@ -322,6 +329,36 @@ class HttpProtocol(asyncio.Protocol):
             self._state = _IDLE
             self._deadline = self.loop.time() + self.config.keepalive_s
 
+    # ------------------------------------------------------------------ live streams
+
+    def _start_live(self, stream) -> None:
+        """Turn this connection into a Server-Sent Events stream of one site's events."""
+        self._closing = True  # no further requests on this connection
+        self._state = _LIVE
+        self._deadline = None
+        self._live_si = stream.si
+        self._answer(http.SSE_HEAD + http.date_line() + b"\r\n" + b": live " +
+                     stream.si.encode("utf-8", "replace").replace(b"\n", b" ")[:255] + b"\n\n",
+                     False)
+        self.server.live.subscribe(stream.si, self)
+
+    def live_backlog(self) -> int:
+        """Bytes owed to this subscriber and not yet sent."""
+        if self.transport is None:
+            return 0
+        return self.transport.get_write_buffer_size() + sum(
+            len(slot.data) for slot in self._slots if slot.data is not None)
+
+    def push_live(self, data: bytes) -> None:
+        if self.transport is not None:
+            self._answer(data, False)
+
+    def close_live(self) -> None:
+        if self._live_si is not None:
+            self.server.live.unsubscribe(self._live_si, self)
+        if self.transport is not None:
+            self.transport.abort()  # its buffer is what overflowed: drop it, do not drain it
+
     def _fail(self, error: HttpError) -> None:
         """Answer a request that cannot be parsed further, after those before it, and close."""
         self._closing = True
@@ -349,7 +386,9 @@ class HttpProtocol(asyncio.Protocol):
         """Drain: answer what is in flight, then close; close idle connections now."""
         if self.transport is None:
             return
-        if not self._slots and self._state in (_IDLE, _HEAD):
+        if self._state == _LIVE:
+            self.transport.close()
+        elif not self._slots and self._state in (_IDLE, _HEAD):
             self._closing = True
             self.transport.close()
         elif self._slots:

@@ -16,6 +16,7 @@ import uvloop
 from .api import Api
 from .model import now_ms
 from .handler import Handler
+from .live import LiveHub
 from .protocol import HttpProtocol
 from .store import Store
 from .writer import Writer
@@ -32,7 +33,9 @@ class Server:
         self.loop = loop
         self.connections: set = set()
         self.refusals: Counter = Counter()
-        self.writer = Writer(store, loop, max_pending=config.max_pending_events)
+        self.live = LiveHub(config.live_buffer_bytes)
+        self.writer = Writer(store, loop, max_pending=config.max_pending_events,
+                             on_commit=self.live.publish)
         self.api = Api(store, config)
         self.handler = Handler(config, self.writer, self.api)
 
@@ -40,13 +43,17 @@ class Server:
         """Check every connection's deadline a few times per shortest timeout."""
         config = self.config
         shortest = min(config.header_timeout_s, config.body_timeout_s, config.keepalive_s)
-        self._tick_s = max(0.05, min(1.0, shortest / 4))
+        self._tick_s = max(0.05, min(1.0, shortest / 4, self.config.live_heartbeat_s))
+        self._next_heartbeat = self.loop.time() + self.config.live_heartbeat_s
         self._tick()
 
     def _tick(self) -> None:
         now = self.loop.time()
         for connection in list(self.connections):
             connection.check_deadline(now)
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.config.live_heartbeat_s
+            self.live.heartbeat()
         self._tick_handle = self.loop.call_later(self._tick_s, self._tick)
 
     def stop_clock(self) -> None:

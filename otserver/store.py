@@ -14,6 +14,9 @@ Databases (keys are bytes; values msgpack unless said):
   expiry          hour(4) + b"S"|b"U" + record key       -> b""  (sessions and users by the hour of
                   their last event: the sweeper's range scan; moved only when a record's last
                   event falls in a new hour)
+  site_events     site(8) + eid(16)                      -> b""  (a site's events in time order)
+  stats           site(8) + minute(4)                    -> [events, new sessions, new users],
+                  counted per batch at commit (events sent with increment=false not counted)
   sites           site(8)                                -> [si, first_ts]
   tokens          sha256(token)(32)                      -> [site, created_ms, label]
 
@@ -44,7 +47,8 @@ from .model import (R_COUNT, R_LAST, R_OTHER, R_TAIL, SESSION_CHUNK, Event, chun
                     ident_key, key_to_eid, pair_key, session_key, site_key, user_key)
 
 _DB_NAMES = ("events", "sessions", "users", "session_chunks", "user_sessions", "session_users",
-             "user_pairs", "expiry", "sites", "tokens", "meta")
+             "user_pairs", "expiry", "site_events", "stats", "sites", "tokens", "meta")
+MINUTE_MS = 60_000
 _DUPSORT = {"user_sessions": {"dupsort": True}, "session_users": {"dupsort": True}}
 HOUR_MS = 3_600_000
 KIND_SESSION, KIND_USER = b"S", b"U"
@@ -156,6 +160,8 @@ class Store:
         sessions: dict[bytes, list] = {}
         users: dict[bytes, list] = {}
         loaded_last: dict[bytes, int | None] = {}  # record key -> its last_ts as stored before
+        site_events = db["site_events"]
+        counters: dict[bytes, list] = {}  # site + minute -> [events, new sessions, new users]
         get = txn.get
         put = txn.put
         chunk_bytes = SESSION_CHUNK * 16
@@ -163,6 +169,14 @@ class Store:
             site = site_key(ev.si)
             if site not in self._known_sites:
                 self._note_site(txn, site, ev)
+            put(site + ev.key, b"", db=site_events)
+            counted = ev.props.get("increment") != "false"
+            if counted:
+                minute = site + (ev.ts // MINUTE_MS).to_bytes(4, "big")
+                counter = counters.get(minute)
+                if counter is None:
+                    counter = counters[minute] = [0, 0, 0]
+                counter[0] += 1
 
             skey = site + ident_key(ev.sid)
             session = sessions.get(skey)
@@ -172,6 +186,8 @@ class Store:
                 loaded_last[KIND_SESSION + skey] = session[R_LAST] if session is not None else None
             previous_uid = session[R_OTHER] if session is not None else None
             seq = session[R_COUNT] if session is not None else 0
+            if session is None and counted:
+                counter[1] += 1
             session = sessions[skey] = fold(session, ev, ev.sid, ev.uid)
             tail = session[R_TAIL] = session[R_TAIL] + ev.key
             if len(tail) == chunk_bytes:
@@ -189,6 +205,8 @@ class Store:
                 raw = get(ukey, db=users_db)
                 user = unpackb(raw) if raw is not None else None
                 loaded_last[KIND_USER + ukey] = user[R_LAST] if user is not None else None
+            if user is None and counted:
+                counter[2] += 1
             users[ukey] = fold(user, ev, ev.uid, ev.sid)
 
             # The user's list of sessions gains this session the first time the user is in it.
@@ -204,15 +222,89 @@ class Store:
             for key, record in records.items():
                 put(key, packb(record), db=target)
                 self._move_expiry(txn, kind, key, loaded_last[kind + key], record[R_LAST])
+        for key, counter in counters.items():
+            raw = get(key, db=db["stats"])
+            if raw is not None:
+                counter = [a + b for a, b in zip(unpackb(raw), counter)]
+            put(key, packb(counter), db=db["stats"])
 
     def _move_expiry(self, txn, kind: bytes, key: bytes, old_ts: int | None, new_ts: int) -> None:
-        new_hour = new_ts // HOUR_MS
         if old_ts is not None:
-            old_hour = old_ts // HOUR_MS
-            if old_hour == new_hour:
+            if old_ts // HOUR_MS == new_ts // HOUR_MS:
                 return
-            txn.delete(old_hour.to_bytes(4, "big") + kind + key, db=self.db["expiry"])
-        txn.put(new_hour.to_bytes(4, "big") + kind + key, b"", db=self.db["expiry"])
+            txn.delete(_expiry_key(kind, key, old_ts), db=self.db["expiry"])
+        txn.put(_expiry_key(kind, key, new_ts), b"", db=self.db["expiry"])
+
+    # ------------------------------------------------------------------ erasure
+
+    def erase_user(self, si: str, uid: str) -> dict | None:
+        """Erase a user: its events, its record, and every trace in sessions it shared (they are
+        folded again from the other users' events; a session left empty goes). None: no user."""
+        return self.write(self._apply_erase, si, uid)
+
+    def _apply_erase(self, txn, si: str, uid: str) -> dict | None:
+        db = self.db
+        site = site_key(si)
+        ukey = site + ident_key(uid)
+        raw = txn.get(ukey, db=db["users"])
+        if raw is None:
+            return None
+        done = {"events": 0, "sessions_removed": 0, "sessions_refolded": 0}
+        cur = txn.cursor(db=db["user_sessions"])
+        entries = list(cur.iternext_dup()) if cur.set_key(ukey) else []
+        for entry in entries:
+            skey = site + entry[16:]
+            session_raw = txn.get(skey, db=db["sessions"])
+            if session_raw is None:
+                continue
+            session = unpackb(session_raw)
+            kept = []
+            for key in self.session_event_keys(txn, session, skey, 0, session[R_COUNT]):
+                event_raw = txn.get(key, db=db["events"])
+                if event_raw is None:
+                    continue
+                value = unpackb(event_raw)
+                if value[3] == uid:
+                    txn.delete(key, db=db["events"])
+                    txn.delete(site + key, db=db["site_events"])
+                    done["events"] += 1
+                else:
+                    kept.append((key, value))
+            if not kept:
+                self._delete_session(txn, skey)
+                txn.delete(_expiry_key(KIND_SESSION, skey, session[R_LAST]), db=db["expiry"])
+                done["sessions_removed"] += 1
+                continue
+            self._refold_session(txn, skey, session, kept)
+            txn.delete(pair_key(ukey, skey), db=db["user_pairs"])
+            txn.delete(skey, ukey, db=db["session_users"])
+            done["sessions_refolded"] += 1
+        self._delete_user(txn, ukey)
+        txn.delete(_expiry_key(KIND_USER, ukey, unpackb(raw)[R_LAST]), db=db["expiry"])
+        return done
+
+    def _refold_session(self, txn, skey: bytes, old: list, kept: list) -> None:
+        """Rebuild a session record, its chunks and its events' places from `kept` events."""
+        db = self.db
+        prefix = chunk_key(skey, 0)[:-4]
+        cur = txn.cursor(db=db["session_chunks"])
+        cur.set_range(prefix)
+        while cur.key()[:-4] == prefix:
+            cur.delete()
+        record = None
+        for seq, (key, value) in enumerate(kept):
+            ts, si, sid, uid, props, captured, old_seq = value
+            record = fold(record, Event(key_to_eid(key), key, ts, si, sid, uid, props, captured),
+                          sid, uid)
+            tail = record[R_TAIL] = record[R_TAIL] + key
+            if len(tail) == SESSION_CHUNK * 16:
+                txn.put(chunk_key(skey, seq // SESSION_CHUNK), tail, db=db["session_chunks"])
+                record[R_TAIL] = b""
+            if old_seq != seq:
+                value[6] = seq
+                txn.put(key, packb(value), db=db["events"])
+        txn.put(skey, packb(record), db=db["sessions"])
+        self._move_expiry(txn, KIND_SESSION, skey, old[R_LAST], record[R_LAST])
 
     # ------------------------------------------------------------------ retention
 
@@ -242,9 +334,21 @@ class Store:
             if seq % SESSION_CHUNK == SESSION_CHUNK - 1:  # the last of its chunk: the chunk goes
                 txn.delete(chunk_key(session_key(si, sid), seq // SESSION_CHUNK),
                            db=db["session_chunks"])
+            txn.delete(site_key(si) + cur.key(), db=db["site_events"])
             cur.delete()
             done["events"] += 1
             budget -= 1
+        # Counters of minutes before the cutoff, site by site.
+        cutoff_minute = (max(cutoff_ms, 0) // MINUTE_MS).to_bytes(4, "big")
+        stats = txn.cursor(db=db["stats"])
+        for site in txn.cursor(db=db["sites"]).iternext(values=False):
+            stats.set_range(site)
+            while stats.key() and stats.key()[:8] == site and stats.key()[8:] < cutoff_minute:
+                if budget == 0:
+                    done["more"] = True
+                    return done
+                stats.delete()
+                budget -= 1
         # Sessions and users whose last event is older than the cutoff, hour by hour.
         cutoff_hour = cutoff_ms // HOUR_MS
         cur = txn.cursor(db=db["expiry"])
@@ -364,6 +468,32 @@ class Store:
             found = cur.next_dup()
         return entries
 
+    def site_event_keys(self, txn, si: str, start: bytes, end: bytes, limit: int) -> list[bytes]:
+        """Keys of a site's events with start <= key < end, in time order, at most limit."""
+        site = site_key(si)
+        cur = txn.cursor(db=self.db["site_events"])
+        keys: list[bytes] = []
+        if not cur.set_range(site + start):
+            return keys
+        stop = site + end
+        for key in cur.iternext(values=False):
+            if key >= stop or len(keys) >= limit:
+                break
+            keys.append(key[8:])
+        return keys
+
+    def minute_counters(self, txn, si: str, first_minute: int, end_minute: int):
+        """(minute, [events, new sessions, new users]) of a site, first <= minute < end."""
+        site = site_key(si)
+        cur = txn.cursor(db=self.db["stats"])
+        if not cur.set_range(site + first_minute.to_bytes(4, "big")):
+            return
+        stop = site + end_minute.to_bytes(4, "big")
+        for key, value in cur:
+            if key >= stop:
+                break
+            yield int.from_bytes(key[8:], "big"), unpackb(value)
+
     def get_session_by_key(self, txn, skey: bytes) -> list | None:
         raw = txn.get(skey, db=self.db["sessions"])
         return unpackb(raw) if raw is not None else None
@@ -396,6 +526,10 @@ class Store:
         def apply(txn):
             return sum(1 for d in digests if txn.delete(d, db=self.db["tokens"]))
         return self.write(apply)
+
+
+def _expiry_key(kind: bytes, key: bytes, last_ts: int) -> bytes:
+    return (last_ts // HOUR_MS).to_bytes(4, "big") + kind + key
 
 
 def _file_size(path: str) -> int:
