@@ -121,8 +121,10 @@ def import_events(store, lines, config, *, err=sys.stderr, batch_size: int = 100
 
     def flush() -> None:
         nonlocal imported, skipped
+        seen: set = set()
         with store.read() as txn:
-            fresh = [ev for ev in batch if store.get_event(txn, ev.key) is None]
+            fresh = [ev for ev in batch if ev.key not in seen and not seen.add(ev.key)
+                     and store.get_event(txn, ev.key) is None]
         skipped += len(batch) - len(fresh)
         if fresh:
             store.write_batch(fresh)

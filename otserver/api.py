@@ -100,7 +100,7 @@ class Api:
         except UnicodeDecodeError:
             raise HttpError(404, "not found") from None
         if req.method == b"DELETE":
-            return _json(200, self._erase(si, ident))
+            return self._erase(si, ident)
         payload = handler(si, ident, params)
         return _json(200, payload, head=req.head)
 
@@ -195,11 +195,16 @@ class Api:
                                  if len(entries) > limit else None)
         return payload
 
-    def _erase(self, si: str, uid: str) -> dict:
-        erased = self.store.erase_user(si, uid)
-        if erased is None:
-            raise HttpError(404, "no such user")
-        return {"erased": erased}
+    def _erase(self, si: str, uid: str) -> "WriterJob":
+        """Erasure is a write: it runs on the writer thread, between ingest batches."""
+        def answer(erased, error) -> bytes:
+            if error is not None:
+                return _json(503, {"error": f"storage unavailable: {error}"},
+                             headers=(("Retry-After", str(self.config.retry_after_s)),))
+            if erased is None:
+                return _json(404, {"error": "no such user"})
+            return _json(200, {"erased": erased})
+        return WriterJob(self.store.erase_user, (si, uid), answer)
 
     # ------------------------------------------------------------------ reports
 
@@ -218,6 +223,8 @@ class Api:
         start_key = time_key(start)
         after = self._after_eid(params)
         if after is not None and after >= start_key:
+            if after == b"\xff" * 16:  # nothing comes after the largest key
+                return http.render(200, b"", content_type=http.NDJSON, head=req.head)
             start_key = (int.from_bytes(after, "big") + 1).to_bytes(16, "big")
         store = self.store
         lines = []
@@ -285,7 +292,20 @@ class Api:
 
 
 LISTING_SETTLE_MS = 1000
+MAX_TIME_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
 BUCKETS = {"minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
+
+
+class WriterJob:
+    """An answer that needs a write: function(*args) runs on the writer thread, then
+    answer(result, error) -> bytes on the loop."""
+
+    __slots__ = ("function", "args", "answer")
+
+    def __init__(self, function, args: tuple, answer):
+        self.function = function
+        self.args = args
+        self.answer = answer
 
 
 class LiveStream:
@@ -308,14 +328,18 @@ def parse_time(params: dict, name: str, default: int) -> int:
     if not text:
         return default
     if text.isdigit():
-        return int(text)
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise HttpError(400, f"{name} must be unix milliseconds or ISO 8601") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return int(moment.timestamp() * 1000)
+        value = int(text)
+    else:
+        try:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise HttpError(400, f"{name} must be unix milliseconds or ISO 8601") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        value = int(moment.timestamp() * 1000)
+    if not 0 <= value <= MAX_TIME_MS:
+        raise HttpError(400, f"{name} is out of range (0 to {MAX_TIME_MS} ms)")
+    return value
 
 
 def event_payload(key: bytes, stored) -> dict:

@@ -22,6 +22,7 @@ FIELD_HELP = {
     "host": "address to listen on",
     "port": "port to listen on (0: one the OS picks)",
     "data_dir": "directory of the LMDB store",
+    "workers": "worker processes on one port (SO_REUSEPORT) over one data directory",
     "max_url_bytes": "longest request line (414 past it)",
     "max_header_bytes": "largest header block (431 past it)",
     "max_header_count": "most header fields (431 past it)",
@@ -45,6 +46,10 @@ FIELD_HELP = {
     "max_store_bytes": "cap of the store; past it ingest answers 503",
     "max_pending_events": "events waiting for a commit before ingest answers 503",
     "retry_after_s": "Retry-After seconds sent with 503",
+    "writer_stall_s": "/readyz answers 503 when a commit runs longer than this",
+    "tls_cert": "PEM certificate (chain) file: serve HTTPS",
+    "tls_key": "PEM private key file for --tls-cert",
+    "access_log": "log one line per answered request (off by default)",
     "ttl_s": "how long data is kept (units: s, m, h, d)",
     "sweep_interval_s": "time between the sweeper's passes",
     "sweep_step_limit": "deletions per sweeper transaction",
@@ -133,7 +138,7 @@ def build_config(args: argparse.Namespace, environ) -> Config:
 def run(args: argparse.Namespace, config: Config) -> int:
     if args.command == "serve":
         from .server import run as run_server
-        return run_server(config)
+        return run_server(config, config.workers)
     from .server import open_store
     store = open_store(config)
     try:

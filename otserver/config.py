@@ -72,6 +72,7 @@ class Config:
     host: str = "0.0.0.0"
     port: int = 8080
     data_dir: str = "./otdata"
+    workers: int = 1
 
     # HTTP limits (SPEC 2.6)
     max_url_bytes: int = 8 * KIB
@@ -103,9 +104,15 @@ class Config:
     max_store_bytes: int = 64 * GIB
     max_pending_events: int = 50_000
     retry_after_s: int = 1
+    writer_stall_s: float = 10.0
     ttl_s: float = 60 * 86400.0
     sweep_interval_s: float = 60.0
     sweep_step_limit: int = 1000
+
+    # operations
+    tls_cert: str = ""
+    tls_key: str = ""
+    access_log: bool = False
 
     # read API paging
     default_page_size: int = 100

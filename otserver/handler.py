@@ -16,6 +16,7 @@ INGEST_PATHS = {
     b"/batch": b"POST, OPTIONS",
     b"/pixel.gif": b"GET, OPTIONS",
 }
+OPS_PATHS = frozenset((b"/healthz", b"/readyz", b"/metrics"))
 FORM_TYPES = (b"", b"application/x-www-form-urlencoded", b"text/plain")
 
 
@@ -39,11 +40,12 @@ class Request:
 class IngestJob:
     """Events waiting for their commit, and the shape of the answer (text, pixel or batch)."""
 
-    __slots__ = ("events", "kind")
+    __slots__ = ("events", "kind", "path")
 
-    def __init__(self, events: list, kind: int):
+    def __init__(self, events: list, kind: int, path: bytes):
         self.events = events
         self.kind = kind
+        self.path = path
 
     def answer(self, close: bool) -> bytes:
         if self.kind == KIND_TEXT:
@@ -70,10 +72,11 @@ def anonymize(address: str) -> str:
 
 
 class Handler:
-    def __init__(self, config, writer, api=None, eids: EidGenerator | None = None):
+    def __init__(self, config, writer, api=None, eids: EidGenerator | None = None, ops=None):
         self.config = config
         self.writer = writer
         self.api = api
+        self.ops = ops  # not_ready() and metrics_text(): the server
         self.eids = eids or EidGenerator()
         self._trusted = config.trusted_proxies
         self._ip_cache: dict[str, str] = {}
@@ -90,14 +93,27 @@ class Handler:
                 if self.api is None:
                     return http.error(404, "not found", head=req.head)
                 return self.api.handle(req)
-            if path == b"/healthz":
+            if path in OPS_PATHS:
                 if req.method not in (b"GET", b"HEAD"):
                     return http.error(405, "method not allowed", headers=(("Allow", "GET, HEAD"),))
-                return http.render(200, b"ok\n", head=req.head)
+                return self._operations(req, path)
             return http.error(404, "not found", head=req.head)
         except HttpError as exc:
             return http.error(exc.status, exc.reason, cors=allowed is not None,
                               headers=exc.headers, close=exc.close, head=req.head)
+
+    def _operations(self, req: Request, path: bytes) -> bytes:
+        if path == b"/healthz":
+            return http.render(200, b"ok\n", head=req.head)
+        if path == b"/readyz":
+            problem = self.ops.not_ready() if self.ops is not None else None
+            if problem:
+                return http.error(503, problem, head=req.head)
+            return http.render(200, b"ready\n", head=req.head)
+        if self.ops is None:
+            return http.error(404, "not found", head=req.head)
+        return http.render(200, self.ops.metrics_text(), head=req.head,
+                           content_type=b"text/plain; version=0.0.4; charset=utf-8")
 
     def _ingest(self, req: Request, path: bytes, allowed: bytes):
         method = req.method
@@ -109,13 +125,13 @@ class Handler:
         captured = self._captured(req)
         if path == b"/batch":
             events = self._batch_events(req, captured)
-            return IngestJob(events, KIND_BATCH)
+            return IngestJob(events, KIND_BATCH, path)
         props = parse_properties(req.query, config)
         if method == b"POST":
             self._check_form(req)
             parse_properties(req.body.rstrip(b"\r\n"), config, props)
         event = make_event(props, captured, self.eids, now_ms(), config)
-        return IngestJob([event], KIND_PIXEL if path == b"/pixel.gif" else KIND_TEXT)
+        return IngestJob([event], KIND_PIXEL if path == b"/pixel.gif" else KIND_TEXT, path)
 
     def _batch_events(self, req: Request, captured):
         self._check_form(req)

@@ -15,12 +15,14 @@ The only module that touches a transport. Invariants:
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import deque
 
 import httptools
 
 from . import http
 from .errors import FramingError, HttpError, Unavailable
+from .api import WriterJob
 from .handler import INGEST_PATHS, IngestJob, Request
 
 # Header names otserver reads; the rest are counted and dropped.
@@ -150,6 +152,8 @@ class HttpProtocol(asyncio.Protocol):
         """Called by the server's tick: close a connection whose deadline has passed."""
         deadline = self._deadline
         if deadline is not None and now >= deadline and self.transport is not None:
+            if self._state in (_HEAD, _BODY):
+                self.server.count_timeout()
             self._closing = True
             self._deadline = None
             self.transport.close()
@@ -249,9 +253,12 @@ class HttpProtocol(asyncio.Protocol):
         result = self.handler.handle(request)
         kind = type(result)
         if kind is bytes:
+            self.server.count(path, result[9:12], self.peer)
             self._answer(result, close)
         elif kind is IngestJob:
             self._submit(result, close)
+        elif kind is WriterJob:
+            self._defer(result, close, path)
         else:
             self._start_live(result)
             return
@@ -275,7 +282,7 @@ class HttpProtocol(asyncio.Protocol):
         if not self.writer.submit(job.events, self._committed, (slot, job)):
             error = Unavailable("overloaded: too many events waiting for a commit",
                                 self.config.retry_after_s)
-            self.server.count_refusal(503)
+            self.server.count(job.path, b"503", self.peer)
             self._answer(http.error(503, error.reason, cors=True, headers=error.headers,
                                     close=close), close)
             return
@@ -283,11 +290,28 @@ class HttpProtocol(asyncio.Protocol):
         if len(self._slots) >= self.config.max_pipelined:
             self._pause_reading()
 
+    def _defer(self, job: WriterJob, close: bool, path: bytes) -> None:
+        slot = Slot()
+        slot.close = close
+        self._slots.append(slot)
+
+        def done(result, error) -> None:
+            slot.data = job.answer(result, error)
+            if slot.close:
+                slot.data = slot.data.replace(b"\r\n\r\n", b"\r\n" + http.CLOSE + b"\r\n", 1)
+            self.server.count(path, slot.data[9:12], self.peer)
+            if self.transport is not None:
+                self._flush()
+
+        self.writer.run_job(job.function, job.args, done)
+
     def _committed(self, arg, error) -> None:
         slot, job = arg
         if error is None:
             slot.data = job.answer(slot.close)
+            self.server.count(job.path, b"200", self.peer)
         else:
+            self.server.count(job.path, b"503", self.peer)
             retry = self.config.retry_after_s
             slot.data = http.error(503, f"storage unavailable: {error}", cors=True,
                                    headers=(("Retry-After", str(retry)),), close=slot.close)
@@ -335,11 +359,18 @@ class HttpProtocol(asyncio.Protocol):
         """Turn this connection into a Server-Sent Events stream of one site's events."""
         self._closing = True  # no further requests on this connection
         self._state = _LIVE
+        # Bound the kernel's send buffer too, so a stalled reader's backlog shows up in the
+        # transport's buffer (which live_backlog measures) instead of hiding in the kernel.
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                max(4096, min(self.config.live_buffer_bytes // 4, 1 << 20)))
+            except OSError:
+                pass
         self._deadline = None
         self._live_si = stream.si
-        self._answer(http.SSE_HEAD + http.date_line() + b"\r\n" + b": live " +
-                     stream.si.encode("utf-8", "replace").replace(b"\n", b" ")[:255] + b"\n\n",
-                     False)
+        self._answer(http.SSE_HEAD + http.date_line() + b"\r\n: live\n\n", False)
         self.server.live.subscribe(stream.si, self)
 
     def live_backlog(self) -> int:
@@ -365,7 +396,7 @@ class HttpProtocol(asyncio.Protocol):
         self._state = _LINGER
         self._wire_bytes = 0
         self._deadline = None
-        self.server.count_refusal(error.status)
+        self.server.count(self._path or b"?", str(error.status).encode(), self.peer)
         cors = self._path is None or self._path in INGEST_PATHS
         self._answer(http.error(error.status, error.reason, cors=cors, headers=error.headers,
                                 close=True), True)

@@ -85,6 +85,7 @@ class Store:
                 if txn.get(b"schema", db=self.db["meta"]) is None:
                     txn.put(b"schema", SCHEMA_VERSION, db=self.db["meta"])
         self._known_sites: set[bytes] = set()
+        self.page_size = self.env.stat()["psize"]
 
     def close(self) -> None:
         self.env.close()
@@ -486,9 +487,10 @@ class Store:
         """(minute, [events, new sessions, new users]) of a site, first <= minute < end."""
         site = site_key(si)
         cur = txn.cursor(db=self.db["stats"])
+        first_minute = max(0, min(first_minute, 0xFFFFFFFF))
         if not cur.set_range(site + first_minute.to_bytes(4, "big")):
             return
-        stop = site + end_minute.to_bytes(4, "big")
+        stop = site + max(0, min(end_minute, 0xFFFFFFFF)).to_bytes(4, "big")
         for key, value in cur:
             if key >= stop:
                 break

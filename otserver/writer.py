@@ -32,6 +32,7 @@ class Writer:
         self._jobs: list = []  # (function, args, callback): other work for the writer thread
         self._last_was_job = False
         self._in_flight = False
+        self._started = time.monotonic()
         self._scheduled = False
         self._batches: queue.SimpleQueue = queue.SimpleQueue()
         self._idle_waiters: list = []
@@ -40,6 +41,17 @@ class Writer:
         self.events_stored = 0
         self._thread = threading.Thread(target=self._run, name="otserver-writer", daemon=True)
         self._thread.start()
+
+    # ------------------------------------------------------------------ health
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stalled_for(self) -> float:
+        """Seconds the work in flight has been running (0 when nothing is in flight)."""
+        if not self._in_flight:
+            return 0.0
+        return time.monotonic() - self._started
 
     # ------------------------------------------------------------------ loop side
 
@@ -69,6 +81,7 @@ class Writer:
             return
         if self._jobs and (not self._waiting or not self._last_was_job):
             self._in_flight = True
+            self._started = time.monotonic()
             self._last_was_job = True
             self._batches.put(self._jobs.pop(0))
             return
@@ -76,6 +89,7 @@ class Writer:
             return
         batch, self._waiting = self._waiting, []
         self._in_flight = True
+        self._started = time.monotonic()
         self._last_was_job = False
         self._batches.put(batch)
 

@@ -18,7 +18,7 @@ import pytest
 
 from otserver.store import Store
 
-_LISTENING = re.compile(r"listening on http://[^:]+:(\d+)")
+_LISTENING = re.compile(r"listening on https?://[^:]+:(\d+)")
 
 
 class Response:

@@ -1,0 +1,192 @@
+"""Counters and histograms, rendered in the Prometheus text format.
+
+Counting costs one dict increment per request (no locks: everything counts on the event loop,
+except commit figures, which the writer reports back to the loop too). With several workers
+each process writes a snapshot of its numbers to `<data_dir>/metrics/<pid>.json` once a second,
+and /metrics adds up the snapshots of every live worker, so any worker answers for all.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from collections import Counter
+
+COMMIT_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+COMMIT_SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Histogram:
+    __slots__ = ("bounds", "counts", "total", "count")
+
+    def __init__(self, bounds):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def snapshot(self) -> dict:
+        return {"counts": self.counts, "total": self.total, "count": self.count}
+
+
+class Metrics:
+    def __init__(self):
+        self.requests: Counter = Counter()  # "endpoint status" -> n
+        self.refusals: Counter = Counter()  # reason class -> n
+        self.commit_events = Histogram(COMMIT_SIZE_BUCKETS)
+        self.commit_seconds = Histogram(COMMIT_SECONDS_BUCKETS)
+
+    def observe_commit(self, events, seconds: float) -> None:
+        self.commit_events.observe(len(events))
+        self.commit_seconds.observe(seconds)
+
+    def snapshot(self, server) -> dict:
+        """This process's numbers, as plain data (for the file other workers read)."""
+        writer = server.writer
+        return {
+            "requests": dict(self.requests),
+            "refusals": dict(self.refusals),
+            "commit_events": self.commit_events.snapshot(),
+            "commit_seconds": self.commit_seconds.snapshot(),
+            "events_stored": writer.events_stored,
+            "commits": writer.commits,
+            "queue_events": writer.pending_events,
+            "connections": len(server.connections),
+            "live_subscribers": len(server.live),
+            "live_dropped": server.live.dropped,
+            "swept": dict(getattr(server, "swept", {})),
+        }
+
+
+def write_snapshot(directory: str, snapshot: dict) -> None:
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"{os.getpid()}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as out:
+        json.dump(snapshot, out)
+    os.replace(tmp, path)
+
+
+def read_snapshots(directory: str, own_pid: int, own: dict) -> list[dict]:
+    """Every live worker's snapshot; this process's own numbers are taken live."""
+    snapshots = [own]
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return snapshots
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        pid = int(name[:-5]) if name[:-5].isdigit() else None
+        if pid is None or pid == own_pid or not _alive(pid):
+            continue
+        try:
+            with open(os.path.join(directory, name)) as data:
+                snapshots.append(json.load(data))
+        except (OSError, ValueError):
+            continue
+    return snapshots
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _merge_histograms(items: list[dict], bounds) -> dict:
+    counts = [0] * (len(bounds) + 1)
+    total, count = 0.0, 0
+    for item in items:
+        for i, n in enumerate(item["counts"]):
+            counts[i] += n
+        total += item["total"]
+        count += item["count"]
+    return {"counts": counts, "total": total, "count": count}
+
+
+def render(snapshots: list[dict], store_info: dict) -> bytes:
+    """The Prometheus text exposition of all workers' numbers added up."""
+    requests: Counter = Counter()
+    refusals: Counter = Counter()
+    swept: Counter = Counter()
+    sums = Counter()
+    for snap in snapshots:
+        requests.update(snap["requests"])
+        refusals.update(snap["refusals"])
+        swept.update(snap["swept"])
+        for key in ("events_stored", "commits", "queue_events", "connections",
+                    "live_subscribers", "live_dropped"):
+            sums[key] += snap[key]
+    lines = [
+        "# HELP otserver_requests_total Answers sent, by endpoint and status.",
+        "# TYPE otserver_requests_total counter",
+    ]
+    for key, n in sorted(requests.items()):
+        endpoint, status = key.rsplit(" ", 1)
+        lines.append(f'otserver_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
+    lines += ["# HELP otserver_refusals_total Requests refused, by reason class.",
+              "# TYPE otserver_refusals_total counter"]
+    for reason, n in sorted(refusals.items()):
+        lines.append(f'otserver_refusals_total{{reason="{reason}"}} {n}')
+    lines += [
+        "# HELP otserver_events_stored_total Events committed and synced.",
+        "# TYPE otserver_events_stored_total counter",
+        f"otserver_events_stored_total {sums['events_stored']}",
+        "# HELP otserver_commits_total Write transactions committed by ingest.",
+        "# TYPE otserver_commits_total counter",
+        f"otserver_commits_total {sums['commits']}",
+        "# HELP otserver_queue_events Events accepted and waiting for their commit.",
+        "# TYPE otserver_queue_events gauge",
+        f"otserver_queue_events {sums['queue_events']}",
+        "# HELP otserver_connections Open client connections.",
+        "# TYPE otserver_connections gauge",
+        f"otserver_connections {sums['connections']}",
+        "# HELP otserver_live_subscribers Open live (SSE) streams.",
+        "# TYPE otserver_live_subscribers gauge",
+        f"otserver_live_subscribers {sums['live_subscribers']}",
+        "# HELP otserver_live_dropped_total Live subscribers dropped for falling behind.",
+        "# TYPE otserver_live_dropped_total counter",
+        f"otserver_live_dropped_total {sums['live_dropped']}",
+    ]
+    for name, bounds, help_text in (
+            ("commit_events", COMMIT_SIZE_BUCKETS, "Events per ingest commit."),
+            ("commit_seconds", COMMIT_SECONDS_BUCKETS, "Time to write and sync one commit.")):
+        merged = _merge_histograms([s[name] for s in snapshots], bounds)
+        metric = f"otserver_{name}"
+        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} histogram"]
+        running = 0
+        for bound, n in zip(bounds, merged["counts"]):
+            running += n
+            lines.append(f'{metric}_bucket{{le="{bound}"}} {running}')
+        lines.append(f'{metric}_bucket{{le="+Inf"}} {merged["count"]}')
+        lines.append(f"{metric}_sum {merged['total']}")
+        lines.append(f"{metric}_count {merged['count']}")
+    lines += ["# HELP otserver_swept_total Things the sweeper deleted.",
+              "# TYPE otserver_swept_total counter"]
+    for kind in ("events", "sessions", "users"):
+        lines.append(f'otserver_swept_total{{kind="{kind}"}} {swept.get(kind, 0)}')
+    lines += ["# HELP otserver_sweeper_passes_total Completed sweeper passes.",
+              "# TYPE otserver_sweeper_passes_total counter",
+              f"otserver_sweeper_passes_total {swept.get('passes', 0)}"]
+    lines += [
+        "# HELP otserver_store_file_bytes Size of the store's data file.",
+        "# TYPE otserver_store_file_bytes gauge",
+        f"otserver_store_file_bytes {store_info['file_bytes']}",
+        "# HELP otserver_store_used_bytes Pages in use in the store.",
+        "# TYPE otserver_store_used_bytes gauge",
+        f"otserver_store_used_bytes {store_info['used_bytes']}",
+        "# HELP otserver_store_max_bytes The store's size cap.",
+        "# TYPE otserver_store_max_bytes gauge",
+        f"otserver_store_max_bytes {store_info['max_bytes']}",
+    ]
+    return ("\n".join(lines) + "\n").encode()
