@@ -223,6 +223,8 @@ async def serve(config, *, workers: int = 1, sweeper: bool = True, notifier=None
     server.start_clock()
     if sweeper:
         server.start_sweeper()
+    if workers > 1:
+        server.live.follow_commit_log(store, loop)
     address = listener.sockets[0].getsockname()
     log.info("otserver listening on %s://%s:%d data_dir=%s", "https" if tls else "http",
              address[0], address[1], config.data_dir)
@@ -237,6 +239,7 @@ async def serve(config, *, workers: int = 1, sweeper: bool = True, notifier=None
         notifier.stopping(f"draining {len(server.connections)} connections")
         log.info("otserver stopping: draining %d connections", len(server.connections))
         watchdog.stop()
+        server.live.stop()
         listener.close()
         server.stop_sweeper()
         for connection in list(server.connections):

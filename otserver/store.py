@@ -17,6 +17,10 @@ Databases (keys are bytes; values msgpack unless said):
   site_events     site(8) + eid(16)                      -> b""  (a site's events in time order)
   stats           site(8) + minute(4)                    -> [events, new sessions, new users],
                   counted per batch at commit (events sent with increment=false not counted)
+  commit_log      commit number(8)                       -> the batch's event keys, 16 bytes each
+                  (kept only by workers, `keep_commit_log`: LMDB serialises commits across
+                  processes, so this is every worker's commits in one order; live streams
+                  follow it; the last COMMIT_LOG_KEEP commits are kept)
   sites           site(8)                                -> [si, first_ts]
   tokens          sha256(token)(32)                      -> [site, created_ms, label]
 
@@ -47,7 +51,9 @@ from .model import (R_COUNT, R_LAST, R_OTHER, R_TAIL, SESSION_CHUNK, Event, chun
                     ident_key, key_to_eid, pair_key, session_key, site_key, user_key)
 
 _DB_NAMES = ("events", "sessions", "users", "session_chunks", "user_sessions", "session_users",
-             "user_pairs", "expiry", "site_events", "stats", "sites", "tokens", "meta")
+             "user_pairs", "expiry", "site_events", "stats", "commit_log", "sites", "tokens",
+             "meta")
+COMMIT_LOG_KEEP = 4096
 MINUTE_MS = 60_000
 _DUPSORT = {"user_sessions": {"dupsort": True}, "session_users": {"dupsort": True}}
 HOUR_MS = 3_600_000
@@ -86,6 +92,7 @@ class Store:
                     txn.put(b"schema", SCHEMA_VERSION, db=self.db["meta"])
         self._known_sites: set[bytes] = set()
         self.page_size = self.env.stat()["psize"]
+        self.keep_commit_log = False
 
     def close(self) -> None:
         self.env.close()
@@ -223,11 +230,38 @@ class Store:
             for key, record in records.items():
                 put(key, packb(record), db=target)
                 self._move_expiry(txn, kind, key, loaded_last[kind + key], record[R_LAST])
+        if self.keep_commit_log:
+            self._log_commit(txn, events)
         for key, counter in counters.items():
             raw = get(key, db=db["stats"])
             if raw is not None:
                 counter = [a + b for a, b in zip(unpackb(raw), counter)]
             put(key, packb(counter), db=db["stats"])
+
+    def _log_commit(self, txn, events: list[Event]) -> None:
+        meta, log = self.db["meta"], self.db["commit_log"]
+        raw = txn.get(b"commit_seq", db=meta)
+        number = int.from_bytes(raw, "big") + 1 if raw is not None else 1
+        txn.put(b"commit_seq", number.to_bytes(8, "big"), db=meta)
+        txn.put(number.to_bytes(8, "big"), b"".join(ev.key for ev in events), db=log)
+        if number % 256 == 0:  # trim now and then: the oldest entries past the kept window
+            cur = txn.cursor(db=log)
+            cur.first()
+            while cur.key() and int.from_bytes(cur.key(), "big") <= number - COMMIT_LOG_KEEP:
+                cur.delete()
+
+    def commits_after(self, txn, number: int | None) -> tuple[int, list[bytes]]:
+        """(the last commit number, event keys of the logged commits after `number`)."""
+        raw = txn.get(b"commit_seq", db=self.db["meta"])
+        last = int.from_bytes(raw, "big") if raw is not None else 0
+        if number is None or number >= last:
+            return last, []
+        keys: list[bytes] = []
+        cur = txn.cursor(db=self.db["commit_log"])
+        if cur.set_range((number + 1).to_bytes(8, "big")):
+            for _, value in cur:
+                keys += [value[i:i + 16] for i in range(0, len(value), 16)]
+        return last, keys
 
     def _move_expiry(self, txn, kind: bytes, key: bytes, old_ts: int | None, new_ts: int) -> None:
         if old_ts is not None:

@@ -799,9 +799,6 @@ def _stop_with_workers(server) -> None:
                 pass
 
 
-@pytest.mark.xfail(reason="BUG: the LiveHub is per process: with --workers N a subscriber "
-                          "only sees the events its own worker committed (about 1/N of them)",
-                   strict=True)
 def test_live_with_several_workers_streams_every_event(make_server):
     server = make_server("--workers", "2")
     try:
