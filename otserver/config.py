@@ -107,7 +107,7 @@ class Config:
     writer_stall_s: float = 10.0
     ttl_s: float = 60 * 86400.0
     sweep_interval_s: float = 60.0
-    sweep_step_limit: int = 1000
+    sweep_step_limit: int = 500
 
     # operations
     tls_cert: str = ""

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import ssl
+import time
 from collections import Counter
 
 import uvloop
@@ -27,6 +28,7 @@ from .writer import Writer
 
 log = logging.getLogger("otserver")
 
+SWEEP_SHARE = 0.2  # of the writer's time, at most, while ingest is busy
 ENDPOINTS = {path: path.decode() for path in
              (b"/", b"/batch", b"/pixel.gif", b"/healthz", b"/readyz", b"/metrics")}
 REFUSAL_CLASSES = {
@@ -172,6 +174,7 @@ class Server:
     def _sweep_step(self) -> None:
         self._sweep_handle = None
         ttl_ms = int(self.config.ttl_s * 1000)
+        self._step_started = time.monotonic()
         self.writer.run_job(self.store.sweep_step,
                             (self._clock(), ttl_ms, self.config.sweep_step_limit), self._swept)
 
@@ -185,7 +188,14 @@ class Server:
                 self._pass[name] += result[name]
                 self.swept[name] += result[name]
             if result["more"]:
-                self._sweep_step()
+                # While ingest is busy, the sweeper takes at most SWEEP_SHARE of the writer's
+                # time: after a step of t seconds it waits t * (1 - share) / share.
+                if self.writer.busy_recently():
+                    took = time.monotonic() - self._step_started
+                    self._sweep_handle = self.loop.call_later(
+                        took * (1 - SWEEP_SHARE) / SWEEP_SHARE, self._sweep_step)
+                else:
+                    self._sweep_step()
                 return
             self.swept["passes"] += 1
             if any(self._pass.values()):

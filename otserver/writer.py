@@ -37,6 +37,7 @@ class Writer:
         self._batches: queue.SimpleQueue = queue.SimpleQueue()
         self._idle_waiters: list = []
         self.last_progress = time.monotonic()
+        self.last_commit = 0.0
         self.commits = 0
         self.events_stored = 0
         self._thread = threading.Thread(target=self._run, name="otserver-writer", daemon=True)
@@ -46,6 +47,10 @@ class Writer:
 
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def busy_recently(self) -> bool:
+        """Ingest is waiting now or committed within the last second."""
+        return bool(self._waiting) or time.monotonic() - self.last_commit < 1.0
 
     def stalled_for(self) -> float:
         """Seconds the work in flight has been running (0 when nothing is in flight)."""
@@ -107,6 +112,7 @@ class Writer:
         if error is None:
             self.commits += 1
             self.events_stored += len(events)
+            self.last_commit = self.last_progress
         for evs, callback, arg in batch:
             self.pending_events -= len(evs)
             callback(arg, error)
