@@ -187,11 +187,7 @@ class Store:
                 counter[0] += 1
 
             skey = site + ident_key(ev.sid)
-            session = sessions.get(skey)
-            if session is None:
-                raw = get(skey, db=sessions_db)
-                session = unpackb(raw) if raw is not None else None
-                loaded_last[KIND_SESSION + skey] = session[R_LAST] if session is not None else None
+            session = sessions.get(skey) or _load(get, skey, sessions_db, KIND_SESSION, loaded_last)
             previous_uid = session[R_OTHER] if session is not None else None
             seq = session[R_COUNT] if session is not None else 0
             if session is None and counted:
@@ -208,11 +204,7 @@ class Store:
                     raise StoreFailed(f"duplicate eid {ev.eid}")
 
             ukey = site + ident_key(ev.uid)
-            user = users.get(ukey)
-            if user is None:
-                raw = get(ukey, db=users_db)
-                user = unpackb(raw) if raw is not None else None
-                loaded_last[KIND_USER + ukey] = user[R_LAST] if user is not None else None
+            user = users.get(ukey) or _load(get, ukey, users_db, KIND_USER, loaded_last)
             if user is None and counted:
                 counter[2] += 1
             users[ukey] = fold(user, ev, ev.uid, ev.sid)
@@ -562,6 +554,15 @@ class Store:
         def apply(txn):
             return sum(1 for d in digests if txn.delete(d, db=self.db["tokens"]))
         return self.write(apply)
+
+
+def _load(get, key: bytes, db, kind: bytes, loaded_last: dict) -> list | None:
+    """A session or user record as stored before this batch (None: new), noting its last time
+    so the batch can move its expiry entry."""
+    raw = get(key, db=db)
+    record = unpackb(raw) if raw is not None else None
+    loaded_last[kind + key] = record[R_LAST] if record is not None else None
+    return record
 
 
 def _expiry_key(kind: bytes, key: bytes, last_ts: int) -> bytes:
