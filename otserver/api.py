@@ -132,7 +132,7 @@ class Api:
         text = params.get("limit")
         if text is None:
             return default
-        if not text.isdigit() or not 1 <= int(text) <= most:
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= most:
             raise HttpError(400, f"limit must be 1 to {most}")
         return int(text)
 
@@ -327,7 +327,7 @@ def parse_time(params: dict, name: str, default: int) -> int:
     text = params.get(name)
     if not text:
         return default
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         value = int(text)
     else:
         try:

@@ -20,6 +20,7 @@ from hashlib import blake2b
 from .errors import BadRequest
 
 PRINTABLE_ASCII = bytes(range(0x21, 0x7F))
+MAX_PAIRS_PER_PROPERTY = 16  # name=value pairs allowed per distinct property (repeats)
 SERVER_ASSIGNED = ("eid", "unixtimestamp")
 
 
@@ -77,8 +78,9 @@ def parse_properties(raw: bytes, config, into: dict | None = None) -> dict:
     if not raw:
         return props
     parts = raw.split(b"&")
-    if len(parts) > config.max_properties and sum(1 for p in parts if p) > config.max_properties:
-        raise BadRequest(f"too many properties: at most {config.max_properties} per event")
+    if len(parts) > MAX_PAIRS_PER_PROPERTY * config.max_properties:  # bound the work first
+        raise BadRequest(f"too many properties: at most {config.max_properties} per event "
+                         f"(and {MAX_PAIRS_PER_PROPERTY * config.max_properties} name=value pairs)")
     max_name = config.max_name_chars
     max_value = config.max_value_bytes
     names = _valid_names

@@ -29,6 +29,7 @@ from .handler import INGEST_PATHS, IngestJob, Request
 KEPT_HEADERS = frozenset((b"content-type", b"user-agent", b"referer", b"x-forwarded-for",
                           b"authorization", b"last-event-id"))
 HTTP_VERSIONS = ("1.1", "1.0")
+FEED_PIECE = 2048  # bytes parsed at a time when a read holds many requests
 LINGER_S = 2.0  # after an error answer, how long unread request bytes are drained before close
 
 _IDLE, _HEAD, _BODY, _WAIT, _LINGER, _LIVE = range(6)
@@ -55,6 +56,7 @@ class HttpProtocol(asyncio.Protocol):
         "_url", "_url_bytes", "_wire_bytes", "_header_bytes", "_header_count", "_headers",
         "_content_length", "_chunked", "_upgrade", "_body", "_body_bytes", "_body_limit",
         "_method", "_path", "_keep_alive", "_messages", "_head_limit", "_live_si",
+        "_backlog", "_eof",
     )
 
     def __init__(self, server) -> None:
@@ -73,6 +75,8 @@ class HttpProtocol(asyncio.Protocol):
         self._messages = 0
         self._path = None
         self._live_si = None
+        self._backlog = b""  # input held back while max_pipelined answers are outstanding
+        self._eof = False
         self._head_limit = self.config.max_url_bytes + self.config.max_header_bytes
 
     # ------------------------------------------------------------------ connection
@@ -95,6 +99,28 @@ class HttpProtocol(asyncio.Protocol):
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
+        if self._backlog:  # reading is paused; a read already under way still arrives
+            self._backlog += data
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """Parse `data` a piece at a time, and stop (keeping the rest) once max_pipelined
+        answers are outstanding: a flood in one read cannot queue more than its share."""
+        if len(data) <= FEED_PIECE:
+            self._receive(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(data), FEED_PIECE):
+            self._receive(bytes(view[start:start + FEED_PIECE]))
+            if self._closing:
+                return
+            if len(self._slots) >= self.config.max_pipelined and start + FEED_PIECE < len(data):
+                self._backlog = bytes(view[start + FEED_PIECE:])
+                self._pause_reading()
+                return
+
+    def _receive(self, data: bytes) -> None:
         state = self._state
         if self._closing:
             if state == _LINGER:
@@ -135,9 +161,12 @@ class HttpProtocol(asyncio.Protocol):
 
     def eof_received(self):
         # The client finished sending; answer what was received, then close.
-        if not self._slots or self._state == _LINGER:
+        if self._backlog:
+            self._eof = True  # after the held-back requests are parsed and answered
+            return True
+        if not self._slots:
             return False
-        self._slots[-1].close = True  # after the last answer
+        self._slots[-1].close = True  # after the last answer (an error's answer among them)
         return True
 
     def pause_writing(self) -> None:
@@ -152,6 +181,8 @@ class HttpProtocol(asyncio.Protocol):
         """Called by the server's tick: close a connection whose deadline has passed."""
         deadline = self._deadline
         if deadline is not None and now >= deadline and self.transport is not None:
+            if self._slots and self._state in (_HEAD, _BODY):
+                return  # answers are outstanding: the client is waiting on us, not we on it
             if self._state in (_HEAD, _BODY):
                 self.server.count_timeout()
             self._closing = True
@@ -332,7 +363,24 @@ class HttpProtocol(asyncio.Protocol):
             self._write(b"".join(out) if len(out) > 1 else out[0], close)
         if close:
             slots.clear()
+            self._backlog = b""
         elif len(slots) < self.config.max_pipelined:
+            if self._backlog:
+                backlog, self._backlog = self._backlog, b""
+                self._feed(backlog)
+                if self._backlog or self._closing:
+                    return
+                if self._eof:
+                    self._eof = False
+                    if self._slots:
+                        self._slots[-1].close = True
+                    else:
+                        self._closing = True
+                        self.transport.close()
+                    return
+            if self._state == _HEAD and self._paused_reading:
+                # The client waited on us, not we on it: its head gets a fresh deadline.
+                self._deadline = self.loop.time() + self.config.header_timeout_s
             self._maybe_resume_reading()
 
     def _write(self, data: bytes, close: bool) -> None:
@@ -397,7 +445,11 @@ class HttpProtocol(asyncio.Protocol):
         self._wire_bytes = 0
         self._deadline = None
         self.server.count(self._path or b"?", str(error.status).encode(), self.peer)
-        cors = self._path is None or self._path in INGEST_PATHS
+        path = self._path
+        if path is None and self._url:  # refused before the head was complete
+            url = b"".join(self._url) if type(self._url) is list else self._url
+            path = url.partition(b"?")[0]
+        cors = not path or path in INGEST_PATHS or not path.startswith(b"/api/")
         self._answer(http.error(error.status, error.reason, cors=cors, headers=error.headers,
                                 close=True), True)
 

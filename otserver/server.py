@@ -198,6 +198,11 @@ class Server:
                     self._sweep_step()
                 return
             self.swept["passes"] += 1
+            # A reader killed while we run (a backup, an export) would pin old pages, and the
+            # file would grow by everything swept until a restart: clear dead readers' slots.
+            cleared = self.store.env.reader_check()
+            if cleared:
+                log.warning("cleared %d stale reader slot(s) left by dead processes", cleared)
             if any(self._pass.values()):
                 log.info("sweeper: deleted %(events)d events, %(sessions)d sessions, "
                          "%(users)d users", self._pass)
