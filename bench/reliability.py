@@ -86,11 +86,15 @@ class Server:
             time.sleep(0.05)
         raise RuntimeError("server did not start")
 
-    def rss_mb(self) -> float:
+    def memory_mb(self) -> dict:
+        """RSS split: anonymous (the process's own memory) and file (the mapped store's pages,
+        which grow with the store and belong to the page cache)."""
+        out = {}
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+            for key, name in (("VmRSS:", "rss_mb"), ("RssAnon:", "anon_mb"), ("RssFile:", "file_rss_mb")):
+                if line.startswith(key):
+                    out[name] = round(int(line.split()[1]) / 1024, 1)
+        return out
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -193,11 +197,13 @@ def soak(data_dir: str, log: str, seconds: float, rate: float, clients: int) -> 
     started = time.monotonic()
     while time.monotonic() < until:
         time.sleep(min(5.0, max(0.0, until - time.monotonic())))
-        samples.append({"t": round(time.monotonic() - started), "rss_mb": round(server.rss_mb(), 1),
+        samples.append({"t": round(time.monotonic() - started), **server.memory_mb(),
                         "file_mb": round(os.path.getsize(os.path.join(data_dir, "data.mdb")) / 2**20, 1),
                         "acked": len(acked)})
-        print(f"  soak t={samples[-1]['t']}s acked={len(acked)} rss={samples[-1]['rss_mb']} MB "
-              f"file={samples[-1]['file_mb']} MB", flush=True)
+        x = samples[-1]
+        print(f"  soak t={x['t']}s acked={len(acked)} rss={x['rss_mb']} MB "
+              f"(anonymous {x['anon_mb']} MB, mapped store {x['file_rss_mb']} MB) "
+              f"file={x['file_mb']} MB", flush=True)
     for t in threads + [hostile_thread]:
         t.join(30)
     code = server.stop()
@@ -263,11 +269,15 @@ def main(argv=None) -> int:
     Path(args.out).write_text(json.dumps(result, indent=2))
     s, c = soak_result, crash_result
     rss = [x["rss_mb"] for x in s["samples"]]
+    anon = [x["anon_mb"] for x in s["samples"]]
     files = [x["file_mb"] for x in s["samples"]]
+    half = len(anon) // 2
     print(f"""
 soak        {s['seconds']:.0f} s, {s['achieved_rate']} events/s acknowledged (target {s['target_rate']:.0f})
             {s['acknowledged']} acknowledged, {s['stored']} stored, lost {s['lost']}
-            RSS {min(rss)}-{max(rss)} MB, store file {min(files)}-{max(files)} MB
+            RSS {min(rss)}-{max(rss)} MB, of it anonymous {min(anon)}-{max(anon)} MB
+            (second half {min(anon[half:])}-{max(anon[half:])} MB); store file {min(files)}-{max(files)} MB
+            (the store grows with the data: nothing is older than the 60-day TTL in a soak)
 hostile     {s['hostile_sent']} bad requests: {s['hostile_answers']}; stored from them: {s['stored_unacknowledged']}
 crashes     {c['rounds']} kill -9 rounds, {c['acknowledged']} acknowledged, lost {c['lost']}
 exit        {s['exit_code']} after SIGTERM
