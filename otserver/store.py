@@ -313,11 +313,7 @@ class Store:
     def _refold_session(self, txn, skey: bytes, old: list, kept: list) -> None:
         """Rebuild a session record, its chunks and its events' places from `kept` events."""
         db = self.db
-        prefix = chunk_key(skey, 0)[:-4]
-        cur = txn.cursor(db=db["session_chunks"])
-        cur.set_range(prefix)
-        while cur.key()[:-4] == prefix:
-            cur.delete()
+        self._delete_chunks(txn, skey)
         record = None
         for seq, (key, value) in enumerate(kept):
             ts, si, sid, uid, props, captured, old_seq = value
@@ -406,13 +402,17 @@ class Store:
             budget -= 1
         return done
 
-    def _delete_session(self, txn, skey: bytes) -> None:
-        db = self.db
+    def _delete_chunks(self, txn, skey: bytes) -> None:
+        """Every chunk of a session's event keys."""
         prefix = chunk_key(skey, 0)[:-4]
-        cur = txn.cursor(db=db["session_chunks"])
+        cur = txn.cursor(db=self.db["session_chunks"])
         cur.set_range(prefix)
         while cur.key()[:-4] == prefix:
             cur.delete()
+
+    def _delete_session(self, txn, skey: bytes) -> None:
+        db = self.db
+        self._delete_chunks(txn, skey)
         cur = txn.cursor(db=db["session_users"])
         if cur.set_key(skey):
             for ukey in list(cur.iternext_dup()):
