@@ -27,9 +27,9 @@ PIXEL = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\x00\x00\x00!\xf9\x04\x
 
 CORS_HEADERS = (b"Access-Control-Allow-Origin: *\r\n"
                 b"Cache-Control: no-store\r\n")
-PREFLIGHT_HEADERS = (b"Access-Control-Allow-Methods: GET, POST, OPTIONS\r\n"
-                     b"Access-Control-Allow-Headers: Content-Type\r\n"
-                     b"Access-Control-Max-Age: 86400\r\n")
+PREFLIGHT_HEADERS = (("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+                     ("Access-Control-Allow-Headers", "Content-Type"),
+                     ("Access-Control-Max-Age", "86400"))
 COMMON_HEADERS = b"X-Content-Type-Options: nosniff\r\n"
 CLOSE = b"Connection: close\r\n"
 
@@ -88,8 +88,7 @@ def ok_batch(eids: list[str], close: bool) -> bytes:
 
 
 def preflight(close: bool) -> bytes:
-    return render(204, cors=True, headers=(), close=close).replace(
-        b"\r\n\r\n", b"\r\n" + PREFLIGHT_HEADERS + b"\r\n", 1)
+    return render(204, cors=True, headers=PREFLIGHT_HEADERS, close=close)
 
 
 def error(status: int, reason: str, *, cors: bool = False, headers: tuple = (),

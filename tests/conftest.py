@@ -189,13 +189,18 @@ def read_response(sock: socket.socket, timeout: float = 5.0) -> Response:
     return _finish_response(sock, head, rest)
 
 
-def _finish_response(sock, head: bytes, rest: bytes) -> Response:
+def parse_head(head: bytes) -> tuple[int, dict]:
+    """A response head -> (status, headers with lower-case names)."""
     lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
     headers = {}
     for line in lines[1:]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers
+
+
+def _finish_response(sock, head: bytes, rest: bytes) -> Response:
+    status, headers = parse_head(head)
     length = int(headers.get("content-length", "0"))
     while len(rest) < length:
         chunk = sock.recv(65536)
@@ -205,22 +210,40 @@ def _finish_response(sock, head: bytes, rest: bytes) -> Response:
     return Response(status, headers, rest[:length])
 
 
-def parse_responses(data: bytes) -> list[Response]:
-    """Split bytes read from a connection into the responses they hold."""
+def take_responses(buf: bytes) -> tuple[list[Response], bytes]:
+    """The complete (Content-Length framed) responses at the start of buf, and the rest."""
     out = []
-    while data:
-        head, sep, rest = data.partition(b"\r\n\r\n")
+    while True:
+        head, sep, rest = buf.partition(b"\r\n\r\n")
         if not sep:
-            break
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
+            return out, buf
+        status, headers = parse_head(head)
         length = int(headers.get("content-length", "0"))
-        out.append(Response(int(lines[0].split()[1]), headers, rest[:length]))
-        data = rest[length:]
+        if len(rest) < length:
+            return out, buf
+        out.append(Response(status, headers, rest[:length]))
+        buf = rest[length:]
+
+
+def parse_responses(data: bytes) -> list[Response]:
+    """Split bytes read from a connection into the responses they hold (a last one cut short
+    keeps the body bytes that arrived)."""
+    out, rest = take_responses(data)
+    head, sep, body = rest.partition(b"\r\n\r\n")
+    if sep:
+        status, headers = parse_head(head)
+        out.append(Response(status, headers, body))
     return out
+
+
+def assert_json_error(resp, status: int) -> str:
+    """A read-API refusal: the status, a JSON {"error": "..."} body, no CORS header."""
+    assert resp.status == status, resp
+    assert resp.headers["content-type"].startswith("application/json"), resp.headers
+    payload = resp.json()
+    assert set(payload) == {"error"} and isinstance(payload["error"], str) and payload["error"]
+    assert "access-control-allow-origin" not in resp.headers
+    return payload["error"]
 
 
 @pytest.fixture

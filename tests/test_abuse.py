@@ -16,7 +16,7 @@ import threading
 import time
 
 import pytest
-from conftest import Response
+from conftest import Response, take_responses
 
 from otserver.model import key_to_eid
 from otserver.store import Store
@@ -57,25 +57,6 @@ def stored(server) -> dict[str, tuple]:
                     for key, _ in txn.cursor(db=store.db["events"])}
     finally:
         store.close()
-
-
-def take_responses(buf: bytes) -> tuple[list[Response], bytes]:
-    """The complete (Content-Length framed) responses at the start of buf, and the rest."""
-    out = []
-    while True:
-        head, sep, rest = buf.partition(b"\r\n\r\n")
-        if not sep:
-            return out, buf
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        length = int(headers.get("content-length", "0"))
-        if len(rest) < length:
-            return out, buf
-        out.append(Response(int(lines[0].split()[1]), headers, rest[:length]))
-        buf = rest[length:]
 
 
 def close_all(socks) -> None:

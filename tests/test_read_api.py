@@ -11,6 +11,7 @@ import sys
 from urllib.parse import quote, urlencode
 
 import pytest
+from conftest import assert_json_error
 
 SITE_A = "read-a.example"
 SITE_B = "read-b.example"
@@ -36,15 +37,6 @@ def ok_json(resp) -> dict:
     assert resp.status == 200, resp
     assert resp.headers["content-type"].startswith("application/json")
     return resp.json()
-
-
-def assert_json_error(resp, status: int) -> str:
-    assert resp.status == status, resp
-    assert resp.headers["content-type"].startswith("application/json"), resp.headers
-    payload = resp.json()
-    assert set(payload) == {"error"} and isinstance(payload["error"], str) and payload["error"]
-    assert "access-control-allow-origin" not in resp.headers
-    return payload["error"]
 
 
 def otserver_cli(server, *args: str) -> subprocess.CompletedProcess:

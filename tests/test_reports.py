@@ -16,6 +16,7 @@ from datetime import datetime, timedelta, timezone
 from urllib.parse import quote, urlencode
 
 import pytest
+from conftest import assert_json_error
 
 UUID7_VERSION = 0x7000
 SETTLE_S = 1.25  # the listing trails real time by 1 s
@@ -38,15 +39,6 @@ def ok_json(resp):
     assert resp.headers["content-type"].startswith("application/json"), resp.headers
     assert "access-control-allow-origin" not in resp.headers
     return resp.json()
-
-
-def assert_json_error(resp, status: int) -> str:
-    assert resp.status == status, resp
-    assert resp.headers["content-type"].startswith("application/json"), resp.headers
-    payload = resp.json()
-    assert set(payload) == {"error"} and isinstance(payload["error"], str) and payload["error"]
-    assert "access-control-allow-origin" not in resp.headers
-    return payload["error"]
 
 
 def api_path(kind: str, ident: str | None = None, **params) -> str:
