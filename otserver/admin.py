@@ -1,52 +1,68 @@
-"""Commands that work on a store directly: sweep, info, backup. Safe while a server runs on the
-same data directory (LMDB takes one writer at a time; a backup copies one read snapshot)."""
+"""Commands that work on a store directly: sweep, info, backup, export, import. Safe while a
+server runs on the same data directory (LMDB takes one writer at a time per environment; a
+backup copies one read snapshot of each). A command that needs the views current first has
+them catch up with the log (folder.catch_up): inline when no folder runs, else by waiting."""
 from __future__ import annotations
 
 import json
 import os
 import sys
 
-from .model import key_to_eid, now_ms
+from .folder import catch_up, folder_running
+from .model import LogEntry, entry_ts, now_ms
+from .sweeper import sweep_all
 
 
 def sweep(store, config, *, clock=now_ms, out=sys.stdout) -> int:
     """One full retention pass, in transactions of config.sweep_step_limit deletions."""
-    totals = {"events": 0, "sessions": 0, "users": 0}
-    ttl_ms = int(config.ttl_s * 1000)
-    while True:
-        step = store.sweep_step(clock(), ttl_ms, config.sweep_step_limit)
-        for name in totals:
-            totals[name] += step[name]
-        if not step["more"]:
-            break
+    catch_up(store.log, store.views, config)
+    totals = sweep_all(store.log, store.views, config, clock=clock)
     print(f"swept {totals['events']} events, {totals['sessions']} sessions, "
           f"{totals['users']} users older than {config.ttl_s:g} s", file=out)
     return 0
 
 
 def info(store) -> dict:
-    """Counts, sizes and the time span of what the store holds."""
+    """Counts, sizes, the folder's lag and the time span of what the store holds."""
     counts = store.counts()
-    path = os.path.join(store.path, "data.mdb")
-    stat = os.stat(path)
-    env_info = store.env.info()
-    page = store.env.stat()["psize"]
-    oldest = newest = None
-    with store.read() as txn:
-        cur = txn.cursor(db=store.db["events"])
-        if cur.first():
-            oldest = {"eid": key_to_eid(cur.key()), "unixtimestamp": int.from_bytes(cur.key()[:6], "big")}
-        if cur.last():
-            newest = {"eid": key_to_eid(cur.key()), "unixtimestamp": int.from_bytes(cur.key()[:6], "big")}
+    event_log, views = store.log, store.views
+    watermark = views.watermark()
+    with event_log.read() as txn:
+        tail = event_log.tail(txn)
+        first = event_log.first_position(txn)
+        oldest = _event_at(event_log, txn, first, +1) if tail else None
+        newest = _event_at(event_log, txn, tail, -1) if tail else None
+        unfolded = event_log.raw(txn, watermark + 1) if tail > watermark else None
+    sizes = {}
+    for name, env in (("log", event_log.store), ("views", views.store)):
+        path = os.path.join(env.path, "data.mdb")
+        stat = os.stat(path)
+        sizes[name] = {"file_bytes": stat.st_size, "disk_bytes": stat.st_blocks * 512,
+                       "used_bytes": env.used_bytes(), "map_bytes": env.map_size()}
     return {
         "data_dir": store.path,
         "events": counts["events"], "sessions": counts["sessions"], "users": counts["users"],
         "sites": counts["sites"], "tokens": counts["tokens"],
-        "file_bytes": stat.st_size, "disk_bytes": stat.st_blocks * 512,
-        "used_bytes": (env_info["last_pgno"] + 1) * page, "map_bytes": env_info["map_size"],
-        "max_store_bytes": store.max_bytes,
+        "log_position": tail, "views_watermark": watermark,
+        "view_lag_events": max(0, tail - watermark),
+        "view_lag_seconds": max(0.0, now_ms() - entry_ts(unfolded)) / 1000 if unfolded else 0.0,
+        "folder_running": folder_running(store.path),
+        "file_bytes": sum(s["file_bytes"] for s in sizes.values()),
+        "disk_bytes": sum(s["disk_bytes"] for s in sizes.values()),
+        "used_bytes": sum(s["used_bytes"] for s in sizes.values()),
+        "map_bytes": sum(s["map_bytes"] for s in sizes.values()),
+        "environments": sizes, "max_store_bytes": store.max_bytes,
         "oldest_event": oldest, "newest_event": newest,
     }
+
+
+def _event_at(event_log, txn, position: int, step: int) -> dict | None:
+    """The first event at or after (step +1) or at or before (step -1) a position."""
+    for found, raw in event_log.scan(txn, position, reverse=step < 0):
+        entry = LogEntry(found, raw)
+        if entry.is_event:
+            return {"eid": entry.eid, "unixtimestamp": entry.ts, "position": found}
+    return None
 
 
 def print_info(store, *, as_json: bool = False, out=sys.stdout) -> int:
@@ -61,9 +77,15 @@ def print_info(store, *, as_json: bool = False, out=sys.stdout) -> int:
     print(f"users         {data['users']}", file=out)
     print(f"sites         {data['sites']}", file=out)
     print(f"tokens        {data['tokens']}", file=out)
-    print(f"file size     {data['file_bytes'] / mib:.1f} MiB ({data['disk_bytes'] / mib:.1f} MiB on disk)", file=out)
-    print(f"in use        {data['used_bytes'] / mib:.1f} MiB of a {data['map_bytes'] / mib:.0f} MiB map "
-          f"(cap {data['max_store_bytes'] / mib:.0f} MiB)", file=out)
+    print(f"log position  {data['log_position']}", file=out)
+    print(f"views at      {data['views_watermark']} ({data['view_lag_events']} events, "
+          f"{data['view_lag_seconds']:.3f} s behind; folder "
+          f"{'running' if data['folder_running'] else 'not running'})", file=out)
+    for name, env in data["environments"].items():
+        print(f"{name + ' file':<13} {env['file_bytes'] / mib:.1f} MiB "
+              f"({env['disk_bytes'] / mib:.1f} MiB on disk, {env['used_bytes'] / mib:.1f} MiB "
+              f"in use of a {env['map_bytes'] / mib:.0f} MiB map)", file=out)
+    print(f"size cap      {data['max_store_bytes'] / mib:.0f} MiB per environment", file=out)
     for label, key in (("oldest event", "oldest_event"), ("newest event", "newest_event")):
         event = data[key]
         print(f"{label:<13} {event['eid'] + ' at ' + str(event['unixtimestamp']) if event else '-'}", file=out)
@@ -71,40 +93,41 @@ def print_info(store, *, as_json: bool = False, out=sys.stdout) -> int:
 
 
 def backup(store, dest: str, *, out=sys.stderr) -> int:
-    """A consistent, compacted copy of the store (one read snapshot; free pages left out)."""
-    if os.path.exists(os.path.join(dest, "data.mdb")):
+    """A consistent, compacted copy of the store: the views first, then the log (so the
+    copy's log holds at least what its views have folded; its folder folds the rest)."""
+    from .log import log_path
+    from .views import views_path
+    if os.path.exists(os.path.join(dest, "data.mdb")) or os.path.exists(log_path(dest)):
         print(f"otserver: {dest} already holds a store; give a new directory", file=out)
         return 1
-    os.makedirs(dest, exist_ok=True)
-    store.env.copy(dest, compact=True)
-    size = os.path.getsize(os.path.join(dest, "data.mdb"))
+    size = 0
+    for env, path in ((store.views.store, views_path(dest)), (store.log.store, log_path(dest))):
+        os.makedirs(path, exist_ok=True)
+        env.env.copy(path, compact=True)
+        size += os.path.getsize(os.path.join(path, "data.mdb"))
     print(f"backed up {store.path} to {dest} ({size / (1 << 20):.1f} MiB, compacted)", file=out)
     return 0
 
 
-def export(store, si: str, start_ms: int, end_ms: int, *, out=sys.stdout, err=sys.stderr,
-           page: int = 10_000) -> int:
-    """Write a site's events with start_ms <= time < end_ms as NDJSON, oldest first."""
-    from .api import event_payload, time_key
+def export(store, config, si: str, start_ms: int | None, end_ms: int | None, *,
+           out=sys.stdout, err=sys.stderr, page: int = 10_000) -> int:
+    """Write a site's events with start_ms <= time < end_ms as NDJSON, in log order."""
+    from .api import positions_between, site_event_lines
+    catch_up(store.log, store.views, config)
     progress = err.isatty()
-    start = time_key(start_ms)
-    end = time_key(end_ms)
+    start, end = positions_between(store.log, start_ms, end_ms)
     written = 0
     while True:
-        with store.read() as txn:
-            keys = store.site_event_keys(txn, si, start, end, page)
-            lines = [json.dumps(event_payload(key, stored), ensure_ascii=False,
-                                separators=(",", ":"))
-                     for key in keys if (stored := store.get_event(txn, key)) is not None]
+        lines, positions = site_event_lines(store.log, store.views, si, start, end, page)
         if lines:
             out.write("\n".join(lines) + "\n")
         written += len(lines)
         if progress:
             err.write(f"\rexported {written:,} events")
             err.flush()
-        if len(keys) < page:
+        if len(positions) < page:
             break
-        start = (int.from_bytes(keys[-1], "big") + 1).to_bytes(16, "big")
+        start = positions[-1] + 1
     if progress:
         err.write("\n")
     print(f"exported {written} events of site {si!r}", file=err)
@@ -112,22 +135,29 @@ def export(store, si: str, start_ms: int, end_ms: int, *, out=sys.stdout, err=sy
 
 
 def import_events(store, lines, config, *, err=sys.stderr, batch_size: int = 1000) -> int:
-    """Store events read as NDJSON (as `export` writes them), keeping their eids and times.
-    Events already in the store are skipped, so an import can be run again after a failure."""
+    """Append events read as NDJSON (as `export` writes it), keeping their eids and times.
+    Events already in the store are skipped, so an import can be run again after a failure.
+    The log is kept in time order: an event older than the newest one in the store is
+    refused (import into an empty data directory, oldest first, to restore an export)."""
     from .errors import BadRequest
     from .model import Event, eid_to_key
+    event_log = store.log
     imported = skipped = 0
     batch: list = []
+    with event_log.read() as txn:
+        tail = event_log.tail(txn)
+        raw = event_log.raw(txn, tail) if tail else None
+    newest = entry_ts(raw) if raw else 0
 
     def flush() -> None:
         nonlocal imported, skipped
         seen: set = set()
-        with store.read() as txn:
+        with event_log.read() as txn:
             fresh = [ev for ev in batch if ev.key not in seen and not seen.add(ev.key)
-                     and store.get_event(txn, ev.key) is None]
+                     and event_log.find(txn, ev.key) is None]
         skipped += len(batch) - len(fresh)
         if fresh:
-            store.write_batch(fresh)
+            event_log.append([ev.encode() for ev in fresh])
         imported += len(fresh)
         batch.clear()
 
@@ -148,11 +178,26 @@ def import_events(store, lines, config, *, err=sys.stderr, batch_size: int = 100
                 raise ValueError("si, sid and uid are required")
         except (ValueError, KeyError, TypeError, BadRequest) as exc:
             print(f"otserver: line {number}: {exc}", file=err)
+            flush()
             return 1
-        batch.append(Event(eid, key, ts, si, sid, uid, props, item.get("captured") or None))
+        event = Event(eid, key, ts, si, sid, uid, props, item.get("captured") or None)
+        if ts < newest:
+            flush()
+            with event_log.read() as txn:
+                present = event_log.find(txn, key) is not None
+            if not present:
+                print(f"otserver: line {number}: the event's time ({ts}) is before the newest "
+                      f"event in the store ({newest}); the log is kept in time order, so import "
+                      f"into an empty data directory, oldest first", file=err)
+                return 1
+            skipped += 1
+            continue
+        newest = ts
+        batch.append(event)
         if len(batch) >= batch_size:
             flush()
     if batch:
         flush()
+    catch_up(store.log, store.views, config)
     print(f"imported {imported} events ({skipped} already present)", file=err)
     return 0

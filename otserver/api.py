@@ -5,6 +5,13 @@ the key it is found by; a token is checked by looking its digest up, so no compa
 over secret bytes an attacker can steer (the digest of a guess says nothing of a real token).
 A token belongs to one site, or to every site when its site is `*` (admin).
 
+Read your writes: a read of the views (sessions, users, listing, stats) first waits until the
+views' watermark reaches the log's last position as it was when the read arrived (ViewWatch),
+so it sees every event acknowledged before it; then it runs on a reader thread (ReadPool), LMDB
+reads and JSON encoding both, so a large answer never stalls the event loop. A read of one event
+reads the log alone and waits for nothing. An erasure is an entry appended to the log; its
+answer waits until the folder has carried it out.
+
 Answers are JSON; errors are {"error": "..."}; no CORS headers (reading is not for browsers on
 other origins).
 """
@@ -14,17 +21,24 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 from . import http
 from .errors import HttpError
-from .model import (R_CAPTURED, R_COUNT, R_FIRST, R_LAST, eid_to_key, event_record,
-                    folded_record, key_to_eid, now_ms, session_key)
+from .handler import Deferred
+from .model import (R_CAPTURED, R_COUNT, R_FIRST, R_LAST, EidGenerator, eid_to_key,
+                    encode_erasure, folded_record, now_ms, session_key, site_key, user_key)
 
+log = logging.getLogger("otserver")
 ADMIN_SITE = "*"
 TOKEN_PREFIX = "ot_"
+MAX_TIME_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
+BUCKETS = {"minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
+END = 1 << 63  # past every position
 
 
 def new_token() -> str:
@@ -40,29 +54,56 @@ def token_id(digest: bytes) -> str:
     return digest.hex()[:12]
 
 
-class ApiError(HttpError):
-    pass
-
-
 def _json(status: int, payload, head: bool = False, headers: tuple = ()) -> bytes:
     body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
     return http.render(status, body, content_type=http.JSON, head=head, headers=headers)
 
 
+class ReadPool:
+    """Reader threads: fn(*args) runs on one, then done(result) on the event loop."""
+
+    def __init__(self, loop, threads: int = 2):
+        self.loop = loop
+        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="otserver-read")
+
+    def run(self, fn, args: tuple, done) -> None:
+        future = self.executor.submit(fn, *args)
+        future.add_done_callback(lambda f: self._deliver(f, done))
+
+    def _deliver(self, future, done) -> None:
+        try:
+            self.loop.call_soon_threadsafe(done, future.result())
+        except RuntimeError:  # the loop is closed: the process is going away
+            pass
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+def _answer(fn, args: tuple, head: bool) -> bytes:
+    """fn(*args) -> a payload; as an answer, with a refusal or a failure answered too."""
+    try:
+        result = fn(*args)
+        return result if isinstance(result, bytes) else _json(200, result, head=head)
+    except HttpError as exc:
+        return _json(exc.status, {"error": exc.reason}, head=head, headers=exc.headers)
+    except Exception:  # never leave a reader without an answer
+        log.exception("read failed")
+        return _json(500, {"error": "internal error"}, head=head)
+
+
 class Api:
-    def __init__(self, store, config):
-        self.store = store
+    def __init__(self, event_log, views, config, *, watch=None, pool=None, writer=None):
+        self.log = event_log
+        self.views = views
         self.config = config
-        self.routes = {
-            b"events": self._event,
-            b"sessions": self._session,
-            b"users": self._user,
-        }
-        self.collections = {
-            b"events": self._list_events,
-            b"stats": self._stats,
-            b"live": self._live,
-        }
+        self.watch = watch
+        self.pool = pool
+        self.writer = writer
+        self.eids = EidGenerator()
+        self.routes = {b"events": self._event, b"sessions": self._session, b"users": self._user}
+        self.collections = {b"events": self._list_events, b"stats": self._stats,
+                            b"live": self._live}
 
     def handle(self, req):
         try:
@@ -101,8 +142,7 @@ class Api:
             raise HttpError(404, "not found") from None
         if req.method == b"DELETE":
             return self._erase(si, ident)
-        payload = handler(si, ident, params)
-        return _json(200, payload, head=req.head)
+        return handler(req, si, ident, params)
 
     # ------------------------------------------------------------------ auth and parameters
 
@@ -112,7 +152,7 @@ class Api:
         if scheme.lower() != b"bearer" or not token.strip():
             raise HttpError(401, "missing bearer token",
                             headers=(("WWW-Authenticate", 'Bearer realm="otserver"'),))
-        found = self.store.find_token(token_digest(token.strip().decode("latin-1")))
+        found = self.log.find_token(token_digest(token.strip().decode("latin-1")))
         if found is None:
             raise HttpError(401, "invalid token",
                             headers=(("WWW-Authenticate", 'Bearer error="invalid_token"'),))
@@ -136,123 +176,175 @@ class Api:
             raise HttpError(400, f"limit must be 1 to {most}")
         return int(text)
 
+    # ------------------------------------------------------------------ deferred reads
+
+    def _read(self, fn, args: tuple, head: bool, *, wait: bool = True) -> Deferred:
+        """Answer with fn(*args) run on a reader thread, once the views have caught up with
+        the log as it is now (`wait`)."""
+        def start(done) -> None:
+            def go(ok: bool = True) -> None:
+                if ok:
+                    self.pool.run(_answer, (fn, args, head), done)
+                else:
+                    done(self._behind(head))
+            if wait:
+                self.watch.wait(go)
+            else:
+                go()
+        return Deferred(start)
+
+    def _behind(self, head: bool = False) -> bytes:
+        return _json(503, {"error": f"the views did not catch up with the log within "
+                                    f"{self.config.max_read_wait_s:g} s; retry"},
+                     head=head, headers=(("Retry-After", str(self.config.retry_after_s)),))
+
     # ------------------------------------------------------------------ resources
 
-    def _event(self, si: str, eid: str, params: dict) -> dict:
+    def _event(self, req, si: str, eid: str, params: dict) -> Deferred:
         key = eid_to_key(eid.lower())
         if key is None:
             raise HttpError(404, "no such event")
-        with self.store.read() as txn:
-            stored = self.store.get_event(txn, key)
-        if stored is None or stored[1] != si:
-            raise HttpError(404, "no such event")
-        return event_payload(key, stored)
+        return self._read(self._read_event, (si, key), req.head, wait=False)
 
-    def _session(self, si: str, sid: str, params: dict) -> dict:
+    def _read_event(self, si: str, key: bytes) -> dict:
+        with self.log.read() as txn:
+            position = self.log.find(txn, key)
+            entry = self.log.get(txn, position) if position is not None else None
+        if entry is None or not entry.is_event or entry.si != si:
+            raise HttpError(404, "no such event")
+        return event_payload(entry)
+
+    def _session(self, req, si: str, sid: str, params: dict) -> Deferred:
         limit = self._page(params)
         after = self._after_eid(params)
-        store = self.store
+        return self._read(self._read_session, (si, sid, limit, after), req.head)
+
+    def _read_session(self, si: str, sid: str, limit: int, after: bytes | None) -> dict:
+        views, event_log = self.views, self.log
         skey = session_key(si, sid)
-        with store.read() as txn:
-            record = store.get_session_by_key(txn, skey)
+        with views.read() as vtxn, event_log.read() as ltxn:
+            record = views.get_session(vtxn, skey)
             if record is None:
                 raise HttpError(404, "no such session")
-            start = 0
+            seq = 0
             if after is not None:
-                stored = store.get_event(txn, after)
-                if stored is None or stored[1] != si or stored[2] != sid:
+                position = event_log.find(ltxn, after)
+                entry = event_log.get(ltxn, position) if position is not None else None
+                number = (views.session_seq(vtxn, record, skey, position)
+                          if entry is not None and entry.is_event and entry.si == si
+                          and entry.sid == sid else None)
+                if number is None:
                     raise HttpError(400, "after must be an eid of this session")
-                start = stored[6] + 1
-            keys = store.session_event_keys(txn, record, skey, start, limit)
-            events = []
-            for key in keys:
-                stored = store.get_event(txn, key)
-                if stored is not None:  # None: swept or erased since
-                    events.append(event_payload(key, stored))
+                seq = number + 1
+            count = record[R_COUNT]
+            events, last = [], None
+            while len(events) < limit and seq < count:  # skip what has left the log
+                positions = views.session_positions(vtxn, record, skey, seq, limit - len(events))
+                for position in positions:
+                    entry = event_log.get(ltxn, position) if position else None
+                    if entry is not None:
+                        events.append(event_payload(entry))
+                        last = entry
+                seq += len(positions)
         payload = record_payload("session", record)
         payload["events"] = events
-        more = keys and start + len(keys) < record[R_COUNT]
-        payload["next_after"] = key_to_eid(keys[-1]) if more else None
+        payload["next_after"] = last.eid if last is not None and seq < count else None
         return payload
 
-    def _user(self, si: str, uid: str, params: dict) -> dict:
+    def _user(self, req, si: str, uid: str, params: dict) -> Deferred:
         limit = self._page(params)
         after = self._after_cursor(params)
-        store = self.store
-        with store.read() as txn:
-            record = store.get_user(txn, si, uid)
+        return self._read(self._read_user, (si, uid, limit, after), req.head)
+
+    def _read_user(self, si: str, uid: str, limit: int, after: bytes | None) -> dict:
+        views = self.views
+        ukey = user_key(si, uid)
+        with views.read() as txn:
+            record = views.get_user(txn, ukey)
             if record is None:
                 raise HttpError(404, "no such user")
-            entries = store.user_session_entries(txn, si, uid, after, limit + 1)
+            links = views.user_session_links(txn, ukey, after, limit + 1)
             sessions = []
-            for entry, skey in entries[:limit]:
-                session = store.get_session_by_key(txn, skey)
+            for _, skey in links[:limit]:
+                session = views.get_session(txn, skey)
                 if session is not None:
                     sessions.append(session_summary(session))
         payload = record_payload("user", record)
         payload["sessions"] = sessions
-        payload["next_after"] = (base64.urlsafe_b64encode(entries[limit - 1][0]).decode()
-                                 if len(entries) > limit else None)
+        payload["next_after"] = (base64.urlsafe_b64encode(links[limit - 1][0]).decode()
+                                 if len(links) > limit else None)
         return payload
 
-    def _erase(self, si: str, uid: str) -> "WriterJob":
-        """Erasure is a write: it runs on the writer thread, between ingest batches."""
-        def answer(erased, error) -> bytes:
-            if error is not None:
-                return _json(503, {"error": f"storage unavailable: {error}"},
-                             headers=(("Retry-After", str(self.config.retry_after_s)),))
-            if erased is None:
-                return _json(404, {"error": "no such user"})
-            return _json(200, {"erased": erased})
-        return WriterJob(self.store.erase_user, (si, uid), answer)
+    def _erase(self, si: str, uid: str) -> Deferred:
+        """Erasure is an entry in the log, after every event acknowledged before it; the
+        answer comes once the folder has carried it out (or 202 if that takes longer than
+        --max-read-wait: it is logged, and it will be done)."""
+        retry = (("Retry-After", str(self.config.retry_after_s)),)
+
+        def start(done) -> None:
+            _, key, ts = self.eids.next(now_ms())
+
+            def logged(arg, error, position: int) -> None:
+                if error is not None:
+                    done(_json(503, {"error": f"storage unavailable: {error}"}, headers=retry))
+                    return
+
+                def finished(ok: bool) -> None:
+                    if not ok:
+                        done(_json(202, {"erasure": "logged; the folder is carrying it out",
+                                         "position": position}))
+                        return
+                    result = self.log.erasure_result(position)[1]
+                    if result is None:
+                        done(_json(404, {"error": "no such user"}))
+                    else:
+                        done(_json(200, {"erased": result}))
+                self.watch.wait_for(lambda: self.log.erasure_result(position)[0], finished)
+
+            if not self.writer.submit([encode_erasure(key, ts, si, uid)], logged, None):
+                done(_json(503, {"error": "overloaded: too many events waiting for a commit"},
+                           headers=retry))
+        return Deferred(start)
 
     # ------------------------------------------------------------------ reports
 
-    def _list_events(self, req, si: str, params: dict) -> bytes:
-        """A page of the site's events in time order, as NDJSON; `X-Next-After` names the
-        cursor for the next page when this one is full."""
-        now = now_ms()
-        start = parse_time(params, "from", 0)
-        end = parse_time(params, "to", now + 1)
-        # New events are keyed by their receive time; one that waited for a commit may land a
-        # little behind the newest listed. Listing only what is LISTING_SETTLE_MS old keeps a
-        # cursor from ever stepping over such an event.
-        end = min(end, now - LISTING_SETTLE_MS)
+    def _list_events(self, req, si: str, params: dict) -> Deferred:
+        """A page of the site's events in log order, as NDJSON; `X-Next-After` names the
+        cursor (the log position of the page's last event) on every page that lists one: a
+        walk ends at an empty page, and a client following new events keeps its cursor."""
+        start_ms = parse_time(params, "from", None)
+        end_ms = parse_time(params, "to", None)
         limit = self._page(params, default=self.config.max_page_size,
                            most=self.config.max_listing_page)
-        start_key = time_key(start)
-        after = self._after_eid(params)
-        if after is not None and after >= start_key:
-            if after == b"\xff" * 16:  # nothing comes after the largest key
-                return http.render(200, b"", content_type=http.NDJSON, head=req.head)
-            start_key = (int.from_bytes(after, "big") + 1).to_bytes(16, "big")
-        store = self.store
-        lines = []
-        with store.read() as txn:
-            keys = store.site_event_keys(txn, si, start_key, time_key(max(end, 0)), limit)
-            for key in keys:
-                stored = store.get_event(txn, key)
-                if stored is not None:
-                    lines.append(json.dumps(event_payload(key, stored), ensure_ascii=False,
-                                            separators=(",", ":")))
-        body = ("\n".join(lines) + "\n").encode() if lines else b""
-        headers = (("X-Next-After", key_to_eid(keys[-1])),) if len(keys) == limit else ()
-        return http.render(200, body, content_type=http.NDJSON, head=req.head, headers=headers)
+        after = parse_position(params)
+        return self._read(self._read_listing, (si, start_ms, end_ms, after, limit, req.head),
+                          req.head)
 
-    def _stats(self, req, si: str, params: dict) -> bytes:
+    def _read_listing(self, si, start_ms, end_ms, after, limit, head) -> bytes:
+        start, end = positions_between(self.log, start_ms, end_ms)
+        if after is not None:
+            start = max(start, after + 1)
+        lines, positions = site_event_lines(self.log, self.views, si, start, end, limit)
+        body = ("\n".join(lines) + "\n").encode() if lines else b""
+        headers = (("X-Next-After", str(positions[-1])),) if positions else ()
+        return http.render(200, body, content_type=http.NDJSON, head=head, headers=headers)
+
+    def _stats(self, req, si: str, params: dict) -> Deferred:
         bucket = params.get("bucket", "hour")
         size = BUCKETS.get(bucket)
         if size is None:
             raise HttpError(400, "bucket must be minute, hour or day")
-        now = now_ms()
-        end = parse_time(params, "to", now + 1)
+        end = parse_time(params, "to", now_ms() + 1)
         start = parse_time(params, "from", end - 86_400_000)
         if start >= end:
             raise HttpError(400, "from must be before to")
+        return self._read(self._read_stats, (si, bucket, size, start, end), req.head)
+
+    def _read_stats(self, si: str, bucket: str, size: int, start: int, end: int) -> dict:
         buckets: dict[int, list] = {}
-        with self.store.read() as txn:
-            for minute, counter in self.store.minute_counters(
-                    txn, si, start // 60_000, -(-end // 60_000)):
+        with self.views.read() as txn:
+            for minute, counter in self.views.minute_counters(
+                    txn, site_key(si), start // 60_000, -(-end // 60_000)):
                 first = minute * 60_000 // size * size
                 into = buckets.setdefault(first, [0, 0, 0])
                 for i in range(3):
@@ -262,13 +354,47 @@ class Api:
         totals = {"events": sum(r["events"] for r in rows),
                   "new_sessions": sum(r["new_sessions"] for r in rows),
                   "new_users": sum(r["new_users"] for r in rows)}
-        return _json(200, {"si": si, "bucket": bucket, "from": start, "to": end,
-                           "buckets": rows, "totals": totals}, head=req.head)
+        return {"si": si, "bucket": bucket, "from": start, "to": end, "buckets": rows,
+                "totals": totals}
 
     def _live(self, req, si: str, params: dict):
         if req.head:
             raise HttpError(405, "method not allowed", headers=(("Allow", "GET"),))
-        return LiveStream(si)
+        last = req.headers.get(b"last-event-id")
+        if last is not None:
+            last = last.strip()
+            if not last.isdigit() or len(last) > 19:
+                raise HttpError(400, "Last-Event-ID must be a log position (an id: of this stream)")
+            last = int(last)
+        return LiveStream(si, last)
+
+    def replay(self, si: str, after: int, until: int, done) -> None:
+        """For a live stream resumed with Last-Event-ID: done(SSE bytes) with the site's
+        events after `after` up to `until` (at most --live-replay-max, then a notice), once
+        the views reach `until`; done(None) if they do not in time."""
+        def go(ok: bool) -> None:
+            if ok:
+                self.pool.run(self._replay_bytes, (si, after, until), done)
+            else:
+                done(None)
+        self.watch.wait(go, target=until)
+
+    def _replay_bytes(self, si: str, after: int, until: int) -> bytes:
+        most = self.config.live_replay_max
+        site = site_key(si)
+        with self.views.read() as txn:
+            positions = self.views.site_positions(txn, site, after + 1, until + 1, most + 1)
+        out = []
+        with self.log.read() as txn:
+            for position in positions[:most]:
+                entry = self.log.get(txn, position)
+                if entry is not None:
+                    out.append(sse_event(entry))
+        if len(positions) > most:
+            notice = {"replayed": most, "after": positions[most - 1], "until": until,
+                      "listing": f"/api/v1/events?after={positions[most - 1]}"}
+            out.append(b"event: truncated\ndata: %s\n\n" % json.dumps(notice).encode())
+        return b"".join(out)
 
     @staticmethod
     def _after_eid(params: dict) -> bytes | None:
@@ -291,38 +417,55 @@ class Api:
             raise HttpError(400, "after must be a cursor from next_after") from None
 
 
-LISTING_SETTLE_MS = 1000
-MAX_TIME_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
-BUCKETS = {"minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
-
-
-class WriterJob:
-    """An answer that needs a write: function(*args) runs on the writer thread, then
-    answer(result, error) -> bytes on the loop."""
-
-    __slots__ = ("function", "args", "answer")
-
-    def __init__(self, function, args: tuple, answer):
-        self.function = function
-        self.args = args
-        self.answer = answer
-
-
 class LiveStream:
     """The answer to /api/v1/live: the protocol turns the connection into an event stream."""
 
-    __slots__ = ("si",)
+    __slots__ = ("si", "last_id")
 
-    def __init__(self, si: str):
+    def __init__(self, si: str, last_id: int | None = None):
         self.si = si
+        self.last_id = last_id
 
 
-def time_key(ms: int) -> bytes:
-    """The smallest event key of millisecond `ms` (UUIDv7 keys start with the time)."""
-    return (max(0, min(ms, (1 << 48) - 1)) << 80).to_bytes(16, "big")
+# ---------------------------------------------------------------------- shared by reads
+
+def positions_between(event_log, start_ms: int | None, end_ms: int | None) -> tuple[int, int]:
+    """The run of log positions whose times are in [start_ms, end_ms) (times never decrease
+    along the log)."""
+    if start_ms is None and end_ms is None:
+        return 1, END
+    with event_log.read() as txn:
+        start = event_log.position_at_time(txn, start_ms) if start_ms is not None else 1
+        end = event_log.position_at_time(txn, end_ms) if end_ms is not None else END
+    return start, end
 
 
-def parse_time(params: dict, name: str, default: int) -> int:
+def site_event_lines(event_log, views, si: str, start: int, end: int,
+                     limit: int) -> tuple[list[str], list[int]]:
+    """NDJSON lines of a site's events at positions start <= p < end (at most limit), and the
+    positions listed (an entry gone from the log since is skipped, its position kept)."""
+    with views.read() as txn:
+        positions = views.site_positions(txn, site_key(si), start, end, limit)
+    lines = []
+    with event_log.read() as txn:
+        for position in positions:
+            entry = event_log.get(txn, position)
+            if entry is not None:
+                lines.append(json.dumps(event_payload(entry), ensure_ascii=False,
+                                        separators=(",", ":")))
+    return lines, positions
+
+
+def parse_position(params: dict, name: str = "after") -> int | None:
+    text = params.get(name)
+    if not text:
+        return None
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
+        raise HttpError(400, f"{name} must be a log position (the X-Next-After of a page)")
+    return int(text)
+
+
+def parse_time(params: dict, name: str, default):
     """A time parameter as unix milliseconds: given as milliseconds or ISO 8601."""
     text = params.get(name)
     if not text:
@@ -342,10 +485,14 @@ def parse_time(params: dict, name: str, default: int) -> int:
     return value
 
 
-def event_payload(key: bytes, stored) -> dict:
-    ts, si, sid, uid, props, captured = stored[:6]
-    return {"event": event_record(key_to_eid(key), ts, si, sid, uid, props),
-            "captured": captured or {}}
+def event_payload(entry) -> dict:
+    return {"event": entry.record(), "captured": entry.captured or {}}
+
+
+def sse_event(entry) -> bytes:
+    """One event of a live stream: its log position as the id."""
+    return b"id: %d\ndata: %s\n\n" % (entry.position, json.dumps(
+        event_payload(entry), ensure_ascii=False, separators=(",", ":")).encode())
 
 
 def record_payload(kind: str, record: list) -> dict:
@@ -362,23 +509,24 @@ def session_summary(record: list) -> dict:
 
 # ---------------------------------------------------------------------- token commands
 
-def create_token(store, site: str, label: str = "") -> tuple[str, str]:
+def create_token(event_log, site: str, label: str = "") -> tuple[str, str]:
     """-> (token, id). The token is shown once; only its digest is kept."""
     if not site:
         raise ValueError("a token needs a site (or * for every site)")
     token = new_token()
     digest = token_digest(token)
-    store.put_token(digest, site, now_ms(), label)
+    event_log.put_token(digest, site, now_ms(), label)
     return token, token_id(digest)
 
 
-def list_tokens(store) -> list[dict]:
+def list_tokens(event_log) -> list[dict]:
     return [{"id": token_id(d), "site": v[0], "created": v[1], "label": v[2]}
-            for d, v in store.list_tokens()]
+            for d, v in event_log.list_tokens()]
 
 
-def revoke_token(store, ident: str) -> int:
+def revoke_token(event_log, ident: str) -> int:
     ident = ident.lower()
     if len(ident) < 6:
         raise ValueError("give at least 6 characters of the token id")
-    return store.delete_tokens([d for d, _ in store.list_tokens() if token_id(d).startswith(ident)])
+    return event_log.delete_tokens([d for d, _ in event_log.list_tokens()
+                                    if token_id(d).startswith(ident)])

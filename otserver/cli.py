@@ -1,4 +1,5 @@
-"""The `otserver` command: serve | sweep | info | backup | export | import | token ....
+"""The `otserver` command: serve | fold | rebuild-views | sweep | info | backup | export |
+import | token ....
 
 `build_config(args, environ)` turns flags and OTSERVER_* variables into a Config (flags win);
 `run` does the work. Every Config field is a `serve` flag named after it (`--max-url-bytes`,
@@ -16,7 +17,7 @@ import sys
 from . import admin, api
 from .config import Config, convert, from_env, setting_name
 from .errors import HttpError
-from .model import now_ms
+from .lmdbenv import SchemaError
 
 FIELD_HELP = {
     "host": "address to listen on",
@@ -46,7 +47,10 @@ FIELD_HELP = {
     "max_store_bytes": "cap of the store; past it ingest answers 503",
     "max_pending_events": "events waiting for a commit before ingest answers 503",
     "retry_after_s": "Retry-After seconds sent with 503",
-    "writer_stall_s": "/readyz answers 503 when a commit runs longer than this",
+    "writer_stall_s": "/readyz answers 503 when a commit (or the folder) makes no progress this long",
+    "fold_batch_events": "most log entries the folder applies in one views transaction",
+    "max_view_lag": "log entries not yet folded past which ingest answers 503",
+    "max_read_wait_s": "how long a read waits for the views to reach its position (then 503)",
     "tls_cert": "PEM certificate (chain) file: serve HTTPS",
     "tls_key": "PEM private key file for --tls-cert",
     "access_log": "log one line per answered request (off by default)",
@@ -58,6 +62,7 @@ FIELD_HELP = {
     "max_listing_page": "most events in one page of GET /api/v1/events",
     "live_buffer_bytes": "unsent bytes a live subscriber may fall behind before it is dropped",
     "live_heartbeat_s": "time between heartbeat comments on idle live streams",
+    "live_replay_max": "most events replayed to a live stream resumed with Last-Event-ID",
 }
 
 
@@ -87,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     data_dir_only = [f for f in dataclasses.fields(Config) if f.name == "data_dir"]
     store_fields = [f for f in dataclasses.fields(Config)
                     if f.name in ("data_dir", "max_store_bytes", "initial_store_bytes")]
+
+    fold = sub.add_parser("fold", help="run the folder: fold the log into the views (and sweep) "
+                          "until stopped; serve starts one by itself")
+    fold.add_argument("--once", action="store_true",
+                      help="fold until the views reach the log's last position, then exit")
+    fold.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)
+    _add_config_flags(fold, dataclasses.fields(Config))
+    rebuild = sub.add_parser("rebuild-views", help="empty the views and fold the whole log "
+                             "again (the server must be stopped)")
+    _add_config_flags(rebuild, dataclasses.fields(Config))
 
     sweep = sub.add_parser("sweep", help="delete what is older than the TTL, once, and exit")
     _add_config_flags(sweep, [f for f in dataclasses.fields(Config)
@@ -139,9 +154,17 @@ def run(args: argparse.Namespace, config: Config) -> int:
     if args.command == "serve":
         from .server import run as run_server
         return run_server(config, config.workers)
-    from .server import open_store
+    from .store import open_store
     store = open_store(config)
     try:
+        if args.command == "fold":
+            from .folder import catch_up, run_folder
+            if args.once:
+                return 0 if catch_up(store.log, store.views, config) else 1
+            return run_folder(store.log, store.views, config, parent=args.parent)
+        if args.command == "rebuild-views":
+            from .folder import rebuild
+            return rebuild(store.log, store.views, config)
         if args.command == "sweep":
             return admin.sweep(store, config)
         if args.command == "info":
@@ -150,26 +173,26 @@ def run(args: argparse.Namespace, config: Config) -> int:
             return admin.backup(store, args.dest)
         if args.command == "export":
             times = {"from": args.start, "to": args.end}
-            return admin.export(store, args.si, api.parse_time(times, "from", 0),
-                                api.parse_time(times, "to", now_ms() + 1))
+            return admin.export(store, config, args.si, api.parse_time(times, "from", None),
+                                api.parse_time(times, "to", None))
         if args.command == "import":
             if args.file == "-":
                 return admin.import_events(store, sys.stdin, config)
             with open(args.file, encoding="utf-8") as lines:
                 return admin.import_events(store, lines, config)
         if args.token_command == "create":
-            token, ident = api.create_token(store, args.site, args.label)
+            token, ident = api.create_token(store.log, args.site, args.label)
             print(token)
             print(f"token {ident} for site {args.site!r} created; it is shown only this once",
                   file=sys.stderr)
         elif args.token_command == "list":
-            for row in api.list_tokens(store):
+            for row in api.list_tokens(store.log):
                 if args.json:
                     print(json.dumps(row))
                 else:
                     print(f"{row['id']}  {row['site']}  created {row['created']}  {row['label']}")
         elif args.token_command == "revoke":
-            removed = api.revoke_token(store, args.id)
+            removed = api.revoke_token(store.log, args.id)
             if not removed:
                 print(f"otserver: no token with id {args.id}", file=sys.stderr)
                 return 1
@@ -189,7 +212,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"otserver: {exc}")
     try:
         return run(args, config)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, SchemaError) as exc:
         raise SystemExit(f"otserver: {exc}")
     except HttpError as exc:  # a bad --from/--to
         raise SystemExit(f"otserver: {exc.reason}")

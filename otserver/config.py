@@ -105,6 +105,11 @@ class Config:
     max_pending_events: int = 50_000
     retry_after_s: int = 1
     writer_stall_s: float = 10.0
+
+    # the views and the folder (SPEC 2.5)
+    fold_batch_events: int = 5_000
+    max_view_lag: int = 100_000
+    max_read_wait_s: float = 2.0
     ttl_s: float = 60 * 86400.0
     sweep_interval_s: float = 60.0
     sweep_step_limit: int = 500
@@ -122,6 +127,7 @@ class Config:
     # live stream (SSE)
     live_buffer_bytes: int = 1 * MIB
     live_heartbeat_s: float = 15.0
+    live_replay_max: int = 1000
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -168,4 +174,18 @@ def from_env(environ, base: Config | None = None) -> Config:
     return base.replace(**changes)
 
 
-__all__ = ["Config", "from_env", "convert", "setting_name", "parse_duration", "parse_size"]
+def to_env(config: Config) -> dict:
+    """Every setting as its OTSERVER_* variable: how a child process gets the same Config."""
+    env = {}
+    for f in dataclasses.fields(Config):
+        value = getattr(config, f.name)
+        if isinstance(value, tuple):
+            value = ",".join(str(net) for net in value)
+        elif isinstance(value, bool):
+            value = "1" if value else "0"
+        env["OTSERVER_" + setting_name(f.name).upper()] = str(value)
+    return env
+
+
+__all__ = ["Config", "from_env", "to_env", "convert", "setting_name", "parse_duration",
+           "parse_size"]

@@ -1,14 +1,15 @@
 """Routes (method, path) to the code that answers. No transport in sight.
 
-`Handler.handle(request)` returns either bytes (a whole answer, ready to write) or an
-`IngestJob`: events to commit, and how to answer once they are. The protocol owns the rest.
+`Handler.handle(request)` returns bytes (a whole answer, ready to write), an `IngestJob` (events
+to append to the log, and how to answer once they are), a `Deferred` (an answer that comes
+later: a read waiting for the views, an erasure) or a `LiveStream`. The protocol owns the rest.
 """
 from __future__ import annotations
 
 import ipaddress
 
 from . import http
-from .errors import BadRequest, HttpError
+from .errors import BadRequest, HttpError, Unavailable
 from .model import EidGenerator, make_event, now_ms, parse_properties
 
 INGEST_PATHS = {
@@ -38,12 +39,14 @@ class Request:
 
 
 class IngestJob:
-    """Events waiting for their commit, and the shape of the answer (text, pixel or batch)."""
+    """Events waiting for their commit (encoded as log entries), and the shape of the answer
+    (text, pixel or batch)."""
 
-    __slots__ = ("events", "kind", "path")
+    __slots__ = ("events", "values", "kind", "path")
 
     def __init__(self, events: list, kind: int, path: bytes):
         self.events = events
+        self.values = [ev.encode() for ev in events]
         self.kind = kind
         self.path = path
 
@@ -56,6 +59,16 @@ class IngestJob:
 
 
 KIND_TEXT, KIND_PIXEL, KIND_BATCH = range(3)
+
+
+class Deferred:
+    """An answer that is not ready yet: `start(done)` begins the work, which ends in exactly
+    one call done(answer bytes), on the event loop."""
+
+    __slots__ = ("start",)
+
+    def __init__(self, start):
+        self.start = start
 
 
 def anonymize(address: str) -> str:
@@ -72,11 +85,13 @@ def anonymize(address: str) -> str:
 
 
 class Handler:
-    def __init__(self, config, writer, api=None, eids: EidGenerator | None = None, ops=None):
+    def __init__(self, config, writer, api=None, eids: EidGenerator | None = None, ops=None,
+                 watch=None):
         self.config = config
         self.writer = writer
         self.api = api
         self.ops = ops  # not_ready() and metrics_text(): the server
+        self.watch = watch  # the folder's progress: ingest refuses past --max-view-lag
         self.eids = eids or EidGenerator()
         self._trusted = config.trusted_proxies
         self._ip_cache: dict[str, str] = {}
@@ -124,14 +139,18 @@ class Handler:
         config = self.config
         captured = self._captured(req)
         if path == b"/batch":
-            events = self._batch_events(req, captured)
-            return IngestJob(events, KIND_BATCH, path)
-        props = parse_properties(req.query, config)
-        if method == b"POST":
-            self._check_form(req)
-            parse_properties(req.body.rstrip(b"\r\n"), config, props)
-        event = make_event(props, captured, self.eids, now_ms(), config)
-        return IngestJob([event], KIND_PIXEL if path == b"/pixel.gif" else KIND_TEXT, path)
+            job = IngestJob(self._batch_events(req, captured), KIND_BATCH, path)
+        else:
+            props = parse_properties(req.query, config)
+            if method == b"POST":
+                self._check_form(req)
+                parse_properties(req.body.rstrip(b"\r\n"), config, props)
+            event = make_event(props, captured, self.eids, now_ms(), config)
+            job = IngestJob([event], KIND_PIXEL if path == b"/pixel.gif" else KIND_TEXT, path)
+        if self.watch is not None and self.watch.over_lag():
+            raise Unavailable(f"the views are {self.watch.lag()} events behind the log "
+                              f"(past --max-view-lag); retry", config.retry_after_s)
+        return job
 
     def _batch_events(self, req: Request, captured):
         self._check_form(req)

@@ -1,67 +1,110 @@
-"""Live streams: Server-Sent Events of each site's events as their batch commits.
+"""Live streams: Server-Sent Events of each site's events, following the log.
 
-Invariants: publishing never waits on a subscriber. A subscriber whose unsent bytes pass
-`buffer_bytes` is dropped (its connection closed), so a slow or stalled reader costs ingest
-nothing but the bytes it was already owed. Events are encoded once per event however many
-subscribers read them, and not at all when nobody subscribes to the site.
+Invariants:
+- Each process's hub follows the log itself (one order for every worker), so a stream carries
+  every worker's events in log order, each with `id:` = its log position. The hub reads the
+  log right after this process's own commits and every POLL_S for the others'.
+- A stream resumed with `Last-Event-ID` first gets the site's events after that id up to the
+  position the hub had published when it subscribed (read from the views: at most
+  --live-replay-max, then a `truncated` event saying where to list the rest), then the live
+  events after that position, held back meanwhile: nothing missed, nothing twice.
+- Publishing never waits on a subscriber. One whose unsent bytes pass `buffer_bytes` is dropped
+  (its connection closed). Events are encoded once per event however many subscribers read
+  them, and the log is not read at all while nobody subscribes.
 """
 from __future__ import annotations
 
 import json
 
-from .api import event_payload
-from .model import site_key
+from .api import sse_event
+from .model import LogEntry, site_key
 
 HEARTBEAT = b": heartbeat\n\n"
+POLL_S = 0.02
+POLL_LIMIT = 5000  # entries read per poll; the next poll follows at once when there are more
 
 
 class LiveHub:
-    def __init__(self, buffer_bytes: int):
+    def __init__(self, event_log, loop, buffer_bytes: int, replay=None):
+        self.log = event_log
+        self.loop = loop
         self.buffer_bytes = buffer_bytes
+        self.replay = replay  # replay(si, after, until, done(bytes | None)), the API's
+        self.position: int | None = None  # the last position published; None: nobody listens
         self._by_site: dict[bytes, set] = {}
+        self._held: dict = {}  # connection -> [bytes] held back while its replay runs
+        self._handle = None
+        self._soon = False
         self.dropped = 0
-        self._store = None
-        self._seen: int | None = None  # with workers: the last commit number streamed
 
-    def follow_commit_log(self, store, loop, interval_s: float = 0.05) -> None:
-        """With several workers, stream every worker's commits: poll the store's commit log
-        (one order for all processes) instead of publishing this process's own commits."""
-        self._store = store
-        self._loop = loop
-        self._interval = interval_s
-        store.keep_commit_log = True
-        self._handle = loop.call_later(interval_s, self._poll)
-
-    def _poll(self) -> None:
-        store = self._store
-        if self._by_site:
-            with store.read() as txn:
-                self._seen, keys = store.commits_after(txn, self._seen)
-                events = []
-                for key in keys:
-                    stored = store.get_event(txn, key)
-                    if stored is not None:
-                        events.append((key, stored))
-            for key, stored in events:
-                self._send(key, stored)
-        else:
-            self._seen = None  # nobody listens: start from "now" at the next subscriber
-        self._handle = self._loop.call_later(self._interval, self._poll)
+    def start(self) -> None:
+        self._handle = self.loop.call_later(POLL_S, self._tick)
 
     def stop(self) -> None:
-        if self._store is not None:
+        if self._handle is not None:
             self._handle.cancel()
+            self._handle = None
 
     def __len__(self) -> int:
         return sum(len(subs) for subs in self._by_site.values())
 
-    def subscribe(self, si: str, connection) -> None:
-        if self._store is not None and self._seen is None:
-            with self._store.read() as txn:
-                self._seen, _ = self._store.commits_after(txn, None)
+    # ------------------------------------------------------------------ following the log
+
+    def committed(self) -> None:
+        """This process committed: read the log at the end of this turn."""
+        if self._by_site and not self._soon:
+            self._soon = True
+            self.loop.call_soon(self._poll)
+
+    def _tick(self) -> None:
+        self._poll()
+        self._handle = self.loop.call_later(POLL_S, self._tick)
+
+    def _poll(self) -> None:
+        self._soon = False
+        if not self._by_site:
+            self.position = None
+            return
+        with self.log.read() as txn:
+            entries = self.log.entries_after(txn, self.position, POLL_LIMIT)
+        for position, raw in entries:
+            entry = LogEntry(position, raw)
+            if entry.is_event:
+                subs = self._by_site.get(site_key(entry.si))
+                if subs:
+                    data = sse_event(entry)
+                    for connection in list(subs):
+                        self._push(connection, data)
+        if entries:
+            self.position = entries[-1][0]
+            if len(entries) == POLL_LIMIT and not self._soon:
+                self._soon = True
+                self.loop.call_soon(self._poll)
+
+    # ------------------------------------------------------------------ subscribers
+
+    def subscribe(self, si: str, connection, last_id: int | None = None) -> None:
+        if self.position is None:
+            self.position = self.log.last_position()
         self._by_site.setdefault(site_key(si), set()).add(connection)
+        if last_id is not None and last_id < self.position and self.replay is not None:
+            self._held[connection] = []
+            until = self.position
+            self.replay(si, last_id, until, lambda data: self._replayed(connection, data))
+
+    def _replayed(self, connection, data: bytes | None) -> None:
+        held = self._held.pop(connection, None)
+        if held is None:  # gone meanwhile
+            return
+        if data is None:
+            data = b"event: error\ndata: %s\n\n" % json.dumps(
+                {"error": "replay unavailable: the views did not catch up in time"}).encode()
+        for piece in [data, *held]:
+            if piece:
+                self._push(connection, piece)
 
     def unsubscribe(self, si: str, connection) -> None:
+        self._held.pop(connection, None)
         site = site_key(si)
         subs = self._by_site.get(site)
         if subs is not None:
@@ -69,32 +112,20 @@ class LiveHub:
             if not subs:
                 del self._by_site[site]
 
-    def publish(self, events, seconds: float = 0.0) -> None:
-        """Called after each of this process's commits with the batch's events."""
-        if not self._by_site or self._store is not None:
-            return
-        for ev in events:
-            self._send(ev.key, (ev.ts, ev.si, ev.sid, ev.uid, ev.props, ev.captured))
-
-    def _send(self, key: bytes, stored) -> None:
-        subs = self._by_site.get(site_key(stored[1]))
-        if not subs:
-            return
-        payload = event_payload(key, stored)
-        data = b"id: %s\ndata: %s\n\n" % (
-            payload["event"]["eid"].encode(),
-            json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode())
-        for connection in list(subs):
-            self._push(connection, data)
-
     def heartbeat(self) -> None:
         for subs in list(self._by_site.values()):
             for connection in list(subs):
                 self._push(connection, HEARTBEAT)
 
     def _push(self, connection, data: bytes) -> None:
-        if connection.live_backlog() + len(data) > self.buffer_bytes:
+        held = self._held.get(connection)
+        backlog = connection.live_backlog() + (sum(map(len, held)) if held is not None else 0)
+        if backlog + len(data) > self.buffer_bytes:
             self.dropped += 1
+            self._held.pop(connection, None)
             connection.close_live()
             return
-        connection.push_live(data)
+        if held is not None:
+            held.append(data)
+        else:
+            connection.push_live(data)

@@ -3,7 +3,8 @@
 Counting costs one dict increment per request (no locks: everything counts on the event loop,
 except commit figures, which the writer reports back to the loop too). With several workers
 each process writes a snapshot of its numbers to `<data_dir>/metrics/<pid>.json` once a second,
-and /metrics adds up the snapshots of every live worker, so any worker answers for all.
+and /metrics adds up the snapshots of every live worker, so any worker answers for all. The
+folder process writes `folder.json` the same way; its figures are shown as they are.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from collections import Counter
 
 COMMIT_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 COMMIT_SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+FOLD_SIZE_BUCKETS = (1, 10, 100, 500, 1000, 2000, 5000, 10000, 20000)
+LAG_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class Histogram:
@@ -41,8 +44,8 @@ class Metrics:
         self.commit_events = Histogram(COMMIT_SIZE_BUCKETS)
         self.commit_seconds = Histogram(COMMIT_SECONDS_BUCKETS)
 
-    def observe_commit(self, events, seconds: float) -> None:
-        self.commit_events.observe(len(events))
+    def observe_commit(self, count: int, seconds: float) -> None:
+        self.commit_events.observe(count)
         self.commit_seconds.observe(seconds)
 
     def snapshot(self, server) -> dict:
@@ -55,17 +58,17 @@ class Metrics:
             "commit_seconds": self.commit_seconds.snapshot(),
             "events_stored": writer.events_stored,
             "commits": writer.commits,
+            "lock_seconds": writer.lock_seconds,
             "queue_events": writer.pending_events,
             "connections": len(server.connections),
             "live_subscribers": len(server.live),
             "live_dropped": server.live.dropped,
-            "swept": dict(getattr(server, "swept", {})),
         }
 
 
-def write_snapshot(directory: str, snapshot: dict) -> None:
+def write_snapshot(directory: str, snapshot: dict, name: str | None = None) -> None:
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"{os.getpid()}.json")
+    path = os.path.join(directory, name or f"{os.getpid()}.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as out:
         json.dump(snapshot, out)
@@ -114,18 +117,17 @@ def _merge_histograms(items: list[dict], bounds) -> dict:
     return {"counts": counts, "total": total, "count": count}
 
 
-def render(snapshots: list[dict], store_info: dict) -> bytes:
-    """The Prometheus text exposition of all workers' numbers added up."""
+def render(snapshots: list[dict], store_info: dict, folder: dict | None,
+           views: dict) -> bytes:
+    """The Prometheus text exposition of all workers' numbers added up, and the folder's."""
     requests: Counter = Counter()
     refusals: Counter = Counter()
-    swept: Counter = Counter()
     sums = Counter()
     for snap in snapshots:
         requests.update(snap["requests"])
         refusals.update(snap["refusals"])
-        swept.update(snap["swept"])
         for key in ("events_stored", "commits", "queue_events", "connections",
-                    "live_subscribers", "live_dropped"):
+                    "live_subscribers", "live_dropped", "lock_seconds"):
             sums[key] += snap[key]
     lines = [
         "# HELP otserver_requests_total Answers sent, by endpoint and status.",
@@ -145,6 +147,9 @@ def render(snapshots: list[dict], store_info: dict) -> bytes:
         "# HELP otserver_commits_total Write transactions committed by ingest.",
         "# TYPE otserver_commits_total counter",
         f"otserver_commits_total {sums['commits']}",
+        "# HELP otserver_log_lock_seconds_total Time ingest commits held the log's write lock.",
+        "# TYPE otserver_log_lock_seconds_total counter",
+        f"otserver_log_lock_seconds_total {sums['lock_seconds']}",
         "# HELP otserver_queue_events Events accepted and waiting for their commit.",
         "# TYPE otserver_queue_events gauge",
         f"otserver_queue_events {sums['queue_events']}",
@@ -161,16 +166,39 @@ def render(snapshots: list[dict], store_info: dict) -> bytes:
     for name, bounds, help_text in (
             ("commit_events", COMMIT_SIZE_BUCKETS, "Events per ingest commit."),
             ("commit_seconds", COMMIT_SECONDS_BUCKETS, "Time to write and sync one commit.")):
-        merged = _merge_histograms([s[name] for s in snapshots], bounds)
-        metric = f"otserver_{name}"
-        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} histogram"]
-        running = 0
-        for bound, n in zip(bounds, merged["counts"]):
-            running += n
-            lines.append(f'{metric}_bucket{{le="{bound}"}} {running}')
-        lines.append(f'{metric}_bucket{{le="+Inf"}} {merged["count"]}')
-        lines.append(f"{metric}_sum {merged['total']}")
-        lines.append(f"{metric}_count {merged['count']}")
+        lines += _histogram(f"otserver_{name}", help_text, bounds,
+                            _merge_histograms([s[name] for s in snapshots], bounds))
+    folder = folder or {}
+    lines += [
+        "# HELP otserver_log_position The log's last position.",
+        "# TYPE otserver_log_position gauge",
+        f"otserver_log_position {views['tail']}",
+        "# HELP otserver_views_watermark The last log position folded into the views.",
+        "# TYPE otserver_views_watermark gauge",
+        f"otserver_views_watermark {views['watermark']}",
+        "# HELP otserver_view_lag_events Log entries not yet folded into the views.",
+        "# TYPE otserver_view_lag_events gauge",
+        f"otserver_view_lag_events {max(0, views['tail'] - views['watermark'])}",
+        "# HELP otserver_view_lag_seconds Age of the oldest entry not yet folded (0: none).",
+        "# TYPE otserver_view_lag_seconds gauge",
+        f"otserver_view_lag_seconds {views['lag_seconds']}",
+        "# HELP otserver_folder_up 1 while a folder process holds the data directory's lock.",
+        "# TYPE otserver_folder_up gauge",
+        f"otserver_folder_up {1 if views['folder_up'] else 0}",
+        "# HELP otserver_folded_events_total Log entries folded (by the running folder).",
+        "# TYPE otserver_folded_events_total counter",
+        f"otserver_folded_events_total {folder.get('folded', 0)}",
+        "# HELP otserver_fold_seconds_total Time the folder spent in fold transactions.",
+        "# TYPE otserver_fold_seconds_total counter",
+        f"otserver_fold_seconds_total {folder.get('fold_seconds', 0.0)}",
+    ]
+    empty = {"counts": [], "total": 0.0, "count": 0}
+    lines += _histogram("otserver_fold_events", "Entries per fold transaction.",
+                        FOLD_SIZE_BUCKETS, folder.get("fold_sizes", empty))
+    lines += _histogram("otserver_fold_lag_seconds",
+                        "Age of each fold batch's oldest entry when the batch committed.",
+                        LAG_SECONDS_BUCKETS, folder.get("lag_histogram", empty))
+    swept = folder.get("swept", {})
     lines += ["# HELP otserver_swept_total Things the sweeper deleted.",
               "# TYPE otserver_swept_total counter"]
     for kind in ("events", "sessions", "users"):
@@ -178,15 +206,28 @@ def render(snapshots: list[dict], store_info: dict) -> bytes:
     lines += ["# HELP otserver_sweeper_passes_total Completed sweeper passes.",
               "# TYPE otserver_sweeper_passes_total counter",
               f"otserver_sweeper_passes_total {swept.get('passes', 0)}"]
-    lines += [
-        "# HELP otserver_store_file_bytes Size of the store's data file.",
-        "# TYPE otserver_store_file_bytes gauge",
-        f"otserver_store_file_bytes {store_info['file_bytes']}",
-        "# HELP otserver_store_used_bytes Pages in use in the store.",
-        "# TYPE otserver_store_used_bytes gauge",
-        f"otserver_store_used_bytes {store_info['used_bytes']}",
-        "# HELP otserver_store_max_bytes The store's size cap.",
-        "# TYPE otserver_store_max_bytes gauge",
-        f"otserver_store_max_bytes {store_info['max_bytes']}",
-    ]
+    lines += ["# HELP otserver_store_file_bytes Size of each environment's data file.",
+              "# TYPE otserver_store_file_bytes gauge"]
+    lines += [f'otserver_store_file_bytes{{env="{env}"}} {store_info[env]["file_bytes"]}'
+              for env in ("log", "views")]
+    lines += ["# HELP otserver_store_used_bytes Pages in use in each environment.",
+              "# TYPE otserver_store_used_bytes gauge"]
+    lines += [f'otserver_store_used_bytes{{env="{env}"}} {store_info[env]["used_bytes"]}'
+              for env in ("log", "views")]
+    lines += ["# HELP otserver_store_max_bytes The size cap of each environment.",
+              "# TYPE otserver_store_max_bytes gauge",
+              f"otserver_store_max_bytes {store_info['max_bytes']}"]
     return ("\n".join(lines) + "\n").encode()
+
+
+def _histogram(metric: str, help_text: str, bounds, data: dict) -> list[str]:
+    lines = [f"# HELP {metric} {help_text}", f"# TYPE {metric} histogram"]
+    running = 0
+    counts = data["counts"] or [0] * (len(bounds) + 1)
+    for bound, n in zip(bounds, counts):
+        running += n
+        lines.append(f'{metric}_bucket{{le="{bound}"}} {running}')
+    lines.append(f'{metric}_bucket{{le="+Inf"}} {data["count"]}')
+    lines.append(f"{metric}_sum {data['total']}")
+    lines.append(f"{metric}_count {data['count']}")
+    return lines

@@ -5,8 +5,9 @@ Invariants kept here:
   value is valid UTF-8 of at most max_value_bytes after decoding ('+' is a space).
 - `eid` and `unixtimestamp` come only from the server; `si` is required; an empty `sid` or `uid`
   is absent. Ids resolve exactly as the seed document says (see `make_event`).
-- Eids are UUIDv7 (RFC 9562), strictly increasing within a process, so event keys are
-  time-ordered and can be appended to the B-tree.
+- Eids are UUIDv7 (RFC 9562), strictly increasing within a process.
+- A log entry is `ts(8) kind(1) id(16) msgpack(body)`: the time and the id sit at fixed offsets,
+  so the log can clamp a time, index an id and binary-search by time without unpacking.
 - Session and user records are folds: later values overwrite, except names starting with `utm_`,
   which keep their first value (campaign attribution).
 """
@@ -17,7 +18,12 @@ import random
 import time
 from hashlib import blake2b
 
+import msgpack
+
 from .errors import BadRequest
+
+packb = msgpack.Packer(use_bin_type=True).pack  # one Packer: no allocation per call
+unpackb = msgpack.unpackb
 
 PRINTABLE_ASCII = bytes(range(0x21, 0x7F))
 MAX_PAIRS_PER_PROPERTY = 16  # name=value pairs allowed per distinct property (repeats)
@@ -189,6 +195,63 @@ class Event:
     def record(self) -> dict:
         return event_record(self.eid, self.ts, self.si, self.sid, self.uid, self.props)
 
+    def encode(self) -> bytes:
+        """The event as a log entry (see LogEntry)."""
+        return b"".join((self.ts.to_bytes(8, "big"), KIND_EVENT, self.key,
+                         packb([self.si, self.sid, self.uid, self.props, self.captured])))
+
+
+# --------------------------------------------------------------------------- log entries
+#
+# Every entry of the log is   ts(8, big-endian ms) kind(1) id(16) msgpack(body)
+#   kind b"E", an event:      id = the eid's 16 bytes; body [si, sid, uid, props, captured]
+#   kind b"X", an erasure:    id = a fresh UUIDv7;     body [si, uid]  (erase that user's events
+#                             logged before this entry; see views.Views.erase_user)
+
+KIND_EVENT, KIND_ERASURE = b"E", b"X"
+TS_END, KIND_END, ID_END = 8, 9, 25  # offsets of the fixed fields
+
+
+def encode_erasure(key: bytes, ts: int, si: str, uid: str) -> bytes:
+    return b"".join((ts.to_bytes(8, "big"), KIND_ERASURE, key, packb([si, uid])))
+
+
+def entry_ts(value: bytes) -> int:
+    return int.from_bytes(value[:TS_END], "big")
+
+
+class LogEntry:
+    """One entry of the log, decoded: an event, or an erasure (sid, props, captured None)."""
+
+    __slots__ = ("position", "ts", "kind", "key", "si", "sid", "uid", "props", "captured")
+
+    def __init__(self, position: int, value: bytes):
+        self.position = position
+        self.ts = int.from_bytes(value[:TS_END], "big")
+        self.kind = value[TS_END:KIND_END]
+        self.key = value[KIND_END:ID_END]
+        body = unpackb(value[ID_END:])
+        if self.kind == KIND_EVENT:
+            self.si, self.sid, self.uid, self.props, self.captured = body
+        else:
+            self.si, self.uid = body
+            self.sid = self.props = self.captured = None
+
+    @property
+    def eid(self) -> str:
+        return key_to_eid(self.key)
+
+    @property
+    def is_event(self) -> bool:
+        return self.kind == KIND_EVENT
+
+    def counted(self) -> bool:
+        """Opentracker's `increment=false`: stored, but not counted in the stats."""
+        return self.props.get("increment") != "false"
+
+    def record(self) -> dict:
+        return event_record(self.eid, self.ts, self.si, self.sid, self.uid, self.props)
+
 
 def _take_id(props: dict, name: str, max_chars: int) -> str | None:
     value = props.pop(name, None)
@@ -242,16 +305,27 @@ def event_record(eid: str, ts: int, si: str, sid: str, uid: str, props: dict) ->
 # A session or user record is a list, stored as msgpack:
 #   [si, own id, first_ts, event_count, last_ts, last_eid, other id, props, captured, tail]
 # where "own id" is the sid of a session (the uid of a user) and "other id" the last event's uid
-# (sid). props and captured are dicts folded event by event. A session's `tail` holds the keys
-# of its latest events (event_count % SESSION_CHUNK of them, 16 bytes each); every full
-# SESSION_CHUNK of keys moves to the session_chunks database (see store.py).
+# (sid). props and captured are dicts folded event by event. A session's `tail` holds the log
+# positions of its latest events (event_count % SESSION_CHUNK of them, 8 bytes each); every full
+# SESSION_CHUNK of positions moves to the session_chunks database (see views.py).
 
 R_SI, R_ID, R_FIRST, R_COUNT, R_LAST, R_EID, R_OTHER, R_PROPS, R_CAPTURED, R_TAIL = range(10)
 SESSION_CHUNK = 64
+POSITION_BYTES = 8
 
 
-def fold(record: list | None, ev: Event, own_id: str, other_id: str) -> list:
-    """Fold one event into a session or user record (None: a new record)."""
+def position_bytes(position: int) -> bytes:
+    return position.to_bytes(POSITION_BYTES, "big")
+
+
+def split_positions(raw: bytes) -> list[int]:
+    """A run of 8-byte positions (a session's tail or chunk) as integers."""
+    return [int.from_bytes(raw[i:i + POSITION_BYTES], "big")
+            for i in range(0, len(raw), POSITION_BYTES)]
+
+
+def fold(record: list | None, ev, own_id: str, other_id: str) -> list:
+    """Fold one event (an Event or a LogEntry) into a session or user record (None: new)."""
     if record is None:
         record = [ev.si, own_id, ev.ts, 0, ev.ts, ev.eid, other_id, {}, {}, b""]
     props = record[R_PROPS]

@@ -22,8 +22,7 @@ import httptools
 
 from . import http
 from .errors import FramingError, HttpError, Unavailable
-from .api import WriterJob
-from .handler import INGEST_PATHS, IngestJob, Request
+from .handler import INGEST_PATHS, Deferred, IngestJob, Request
 
 # Header names otserver reads; the rest are counted and dropped.
 KEPT_HEADERS = frozenset((b"content-type", b"user-agent", b"referer", b"x-forwarded-for",
@@ -288,7 +287,7 @@ class HttpProtocol(asyncio.Protocol):
             self._answer(result, close)
         elif kind is IngestJob:
             self._submit(result, close)
-        elif kind is WriterJob:
+        elif kind is Deferred:
             self._defer(result, close, path)
         else:
             self._start_live(result)
@@ -310,7 +309,7 @@ class HttpProtocol(asyncio.Protocol):
     def _submit(self, job: IngestJob, close: bool) -> None:
         slot = Slot()
         slot.close = close
-        if not self.writer.submit(job.events, self._committed, (slot, job)):
+        if not self.writer.submit(job.values, self._committed, (slot, job)):
             error = Unavailable("overloaded: too many events waiting for a commit",
                                 self.config.retry_after_s)
             self.server.count(job.path, b"503", self.peer)
@@ -321,22 +320,28 @@ class HttpProtocol(asyncio.Protocol):
         if len(self._slots) >= self.config.max_pipelined:
             self._pause_reading()
 
-    def _defer(self, job: WriterJob, close: bool, path: bytes) -> None:
+    def _defer(self, job: Deferred, close: bool, path: bytes) -> None:
         slot = Slot()
         slot.close = close
         self._slots.append(slot)
 
-        def done(result, error) -> None:
-            slot.data = job.answer(result, error)
+        def done(data: bytes) -> None:
             if slot.close:
-                slot.data = slot.data.replace(b"\r\n\r\n", b"\r\n" + http.CLOSE + b"\r\n", 1)
-            self.server.count(path, slot.data[9:12], self.peer)
+                data = data.replace(b"\r\n\r\n", b"\r\n" + http.CLOSE + b"\r\n", 1)
+            slot.data = data
+            self.server.count(path, data[9:12], self.peer)
             if self.transport is not None:
-                self._flush()
+                # An answer ready at once is written after the parser returns, never from
+                # inside its callback (flushing may feed the parser held-back input).
+                self.loop.call_soon(self._flush_if_open)
 
-        self.writer.run_job(job.function, job.args, done)
+        job.start(done)
 
-    def _committed(self, arg, error) -> None:
+    def _flush_if_open(self) -> None:
+        if self.transport is not None:
+            self._flush()
+
+    def _committed(self, arg, error, position: int) -> None:
         slot, job = arg
         if error is None:
             slot.data = job.answer(slot.close)
@@ -419,7 +424,7 @@ class HttpProtocol(asyncio.Protocol):
         self._deadline = None
         self._live_si = stream.si
         self._answer(http.SSE_HEAD + http.date_line() + b"\r\n: live\n\n", False)
-        self.server.live.subscribe(stream.si, self)
+        self.server.live.subscribe(stream.si, self, stream.last_id)
 
     def live_backlog(self) -> int:
         """Bytes owed to this subscriber and not yet sent."""

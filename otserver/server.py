@@ -1,7 +1,9 @@
-"""Wiring: open the store, start the writer, listen, handle signals, drain.
+"""Wiring: open the store, start the writer, the live hub and the reader threads, listen,
+handle signals, drain; in a single process, start the folder process beside the server.
 
 SIGTERM or SIGINT drains: stop accepting, answer what was received (every event already
-submitted is committed first), close connections, close the store, return 0.
+submitted is committed first), close connections, close the store, return 0; then the folder
+catches up with the log and stops.
 """
 from __future__ import annotations
 
@@ -11,16 +13,16 @@ import os
 import signal
 import socket
 import ssl
-import time
 from collections import Counter
 
 import uvloop
 
-from .api import Api
-from .model import now_ms
+from .api import Api, ReadPool
+from .folder import FolderProcess, ViewWatch, folder_running, read_folder_snapshot
 from .handler import Handler
 from .live import LiveHub
 from .metrics import Metrics, read_snapshots, render, write_snapshot
+from .model import entry_ts, now_ms
 from .notify import Notifier
 from .protocol import HttpProtocol
 from .store import Store
@@ -28,7 +30,6 @@ from .writer import Writer
 
 log = logging.getLogger("otserver")
 
-SWEEP_SHARE = 0.2  # of the writer's time, at most, while ingest is busy
 ENDPOINTS = {path: path.decode() for path in
              (b"/", b"/batch", b"/pixel.gif", b"/healthz", b"/readyz", b"/metrics")}
 REFUSAL_CLASSES = {
@@ -55,38 +56,33 @@ def escape(raw: bytes, limit: int = 200) -> str:
     return text + ("..." if len(raw) > limit else "")
 
 
-def _file_size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
-
-
 class Server:
-    """What every connection shares: config, handler, writer, counters."""
+    """What every connection shares: config, handler, writer, views watch, counters."""
 
-    def __init__(self, config, store, loop, *, workers: int = 1):
+    def __init__(self, config, store: Store, loop, *, workers: int = 1, folder=None):
         self.config = config
         self.workers = workers
         self.metrics_dir = os.path.join(config.data_dir, "metrics")
         self.store = store
         self.loop = loop
+        self.folder = folder  # this process's FolderProcess (None: the supervisor has it)
         self.connections: set = set()
         self.metrics = Metrics()
-        self.live = LiveHub(config.live_buffer_bytes)
-        self.writer = Writer(store, loop, max_pending=config.max_pending_events,
+        self.watch = ViewWatch(store.log, store.views, loop, config)
+        self.writer = Writer(store.log, loop, max_pending=config.max_pending_events,
                              on_commit=self._committed)
-        self.api = Api(store, config)
-        self.handler = Handler(config, self.writer, self.api, ops=self)
-        self.swept = {"events": 0, "sessions": 0, "users": 0, "passes": 0}
-        self._sweep_handle = None
-        self._sweeping = False
+        self.pool = ReadPool(loop)
+        self.api = Api(store.log, store.views, config, watch=self.watch, pool=self.pool,
+                       writer=self.writer)
+        self.live = LiveHub(store.log, loop, config.live_buffer_bytes, replay=self.api.replay)
+        self.handler = Handler(config, self.writer, self.api, ops=self, watch=self.watch)
         self._logged_refusals: Counter = Counter()
         self._next_log = 0.0
 
-    def _committed(self, events, seconds: float) -> None:
-        self.metrics.observe_commit(events, seconds)
-        self.live.publish(events)
+    def _committed(self, count: int, seconds: float, lock_seconds: float, last: int) -> None:
+        self.metrics.observe_commit(count, seconds)
+        self.watch.note_tail(last)
+        self.live.committed()
 
     # ------------------------------------------------------------------ operations
 
@@ -104,8 +100,8 @@ class Server:
     def count_timeout(self) -> None:
         self.metrics.refusals["timeout"] += 1
 
-    def not_ready(self) -> str | None:
-        """Why the store cannot take writes now, or None."""
+    def writer_problem(self) -> str | None:
+        """Why the log cannot take appends now, or None (what the watchdog pings follow)."""
         if not self.writer.alive():
             return "the writer thread has stopped"
         stalled = self.writer.stalled_for()
@@ -113,16 +109,24 @@ class Server:
             return f"no commit has finished for {stalled:.0f} s"
         return None
 
+    def not_ready(self) -> str | None:
+        """Why the server cannot take writes or answer reads now, or None (/readyz)."""
+        return self.writer_problem() or self.watch.problem()
+
     def metrics_text(self) -> bytes:
         own = self.metrics.snapshot(self)
         snapshots = read_snapshots(self.metrics_dir, os.getpid(), own)
-        info = self.store.env.info()
-        store_info = {
-            "file_bytes": _file_size(os.path.join(self.config.data_dir, "data.mdb")),
-            "used_bytes": (info["last_pgno"] + 1) * self.store.page_size,
-            "max_bytes": self.store.max_bytes,
-        }
-        return render(snapshots, store_info)
+        store = self.store
+        store_info = {"max_bytes": store.max_bytes}
+        for name, env in (("log", store.log.store), ("views", store.views.store)):
+            store_info[name] = {"file_bytes": env.file_bytes(), "used_bytes": env.used_bytes()}
+        self.watch.refresh()
+        with store.log.read() as txn:
+            raw = store.log.raw(txn, self.watch.watermark + 1)
+        views = {"tail": self.watch.tail, "watermark": self.watch.watermark,
+                 "lag_seconds": max(0.0, now_ms() - entry_ts(raw)) / 1000 if raw else 0.0,
+                 "folder_up": folder_running(self.config.data_dir)}
+        return render(snapshots, store_info, read_folder_snapshot(self.metrics_dir), views)
 
     def _log_refusals(self) -> None:
         """A line a minute at most with the refusals since the last one, by class."""
@@ -146,13 +150,16 @@ class Server:
         now = self.loop.time()
         for connection in list(self.connections):
             connection.check_deadline(now)
+        self.watch.refresh()  # keeps the lag that ingest's back-pressure reads fresh
+        if self.folder is not None:
+            self.folder.check()
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.live_heartbeat_s
             self.live.heartbeat()
         if now >= self._next_log:
             self._next_log = now + 60
             self._log_refusals()
-        if self.workers > 1 and now >= self._next_snapshot and self.not_ready() is None:
+        if self.workers > 1 and now >= self._next_snapshot and self.writer_problem() is None:
             # Fresh only while healthy: the supervisor's watchdog reads its age.
             self._next_snapshot = now + 1.0
             write_snapshot(self.metrics_dir, self.metrics.snapshot(self))
@@ -161,85 +168,24 @@ class Server:
     def stop_clock(self) -> None:
         self._tick_handle.cancel()
 
-    # ------------------------------------------------------------------ retention
-
-    def start_sweeper(self, clock=now_ms) -> None:
-        """Sweep soon after start, then every sweep_interval_s; each step is one writer job
-        (a bounded transaction) taking turns with ingest batches."""
-        self._clock = clock
-        self._sweeping = True
-        self._pass = dict.fromkeys(("events", "sessions", "users"), 0)
-        self._sweep_handle = self.loop.call_later(1.0, self._sweep_step)
-
-    def _sweep_step(self) -> None:
-        self._sweep_handle = None
-        ttl_ms = int(self.config.ttl_s * 1000)
-        self._step_started = time.monotonic()
-        self.writer.run_job(self.store.sweep_step,
-                            (self._clock(), ttl_ms, self.config.sweep_step_limit), self._swept)
-
-    def _swept(self, result, error) -> None:
-        if not self._sweeping:
-            return
-        if error is not None:
-            log.error("sweeper step failed: %s", error)
-        else:
-            for name in self._pass:
-                self._pass[name] += result[name]
-                self.swept[name] += result[name]
-            if result["more"]:
-                # While ingest is busy, the sweeper takes at most SWEEP_SHARE of the writer's
-                # time: after a step of t seconds it waits t * (1 - share) / share.
-                if self.writer.busy_recently():
-                    took = time.monotonic() - self._step_started
-                    self._sweep_handle = self.loop.call_later(
-                        took * (1 - SWEEP_SHARE) / SWEEP_SHARE, self._sweep_step)
-                else:
-                    self._sweep_step()
-                return
-            self.swept["passes"] += 1
-            # A reader killed while we run (a backup, an export) would pin old pages, and the
-            # file would grow by everything swept until a restart: clear dead readers' slots.
-            cleared = self.store.env.reader_check()
-            if cleared:
-                log.warning("cleared %d stale reader slot(s) left by dead processes", cleared)
-            if any(self._pass.values()):
-                log.info("sweeper: deleted %(events)d events, %(sessions)d sessions, "
-                         "%(users)d users", self._pass)
-            self._pass = dict.fromkeys(self._pass, 0)
-        self._sweep_handle = self.loop.call_later(self.config.sweep_interval_s, self._sweep_step)
-
-    def stop_sweeper(self) -> None:
-        self._sweeping = False
-        if self._sweep_handle is not None:
-            self._sweep_handle.cancel()
-
-
     def log_exception(self, message: str, exc: BaseException | None) -> None:
         log.error("%s: %r", message, exc, exc_info=exc)
 
 
-def open_store(config, *, readonly: bool = False) -> Store:
-    return Store(config.data_dir, initial_bytes=config.initial_store_bytes,
-                 max_bytes=config.max_store_bytes, readonly=readonly)
-
-
-async def serve(config, *, workers: int = 1, sweeper: bool = True, notifier=None) -> int:
+async def serve(config, *, workers: int = 1, notifier=None, folder=None) -> int:
     """One serving process. `workers` > 1: a worker of a supervisor (metrics shared by file);
-    `sweeper`: whether this process runs the retention sweeper."""
+    `folder`: the folder process this one started and looks after (single-process mode)."""
+    from .store import open_store
     loop = asyncio.get_running_loop()
     notifier = notifier or Notifier.from_env()
     store = open_store(config)
-    server = Server(config, store, loop, workers=workers)
+    server = Server(config, store, loop, workers=workers, folder=folder)
     tls = tls_context(config)
     listener = await loop.create_server(
         lambda: HttpProtocol(server), config.host, config.port, ssl=tls,
         backlog=4096, reuse_address=True, reuse_port=hasattr(socket, "SO_REUSEPORT"))
     server.start_clock()
-    if sweeper:
-        server.start_sweeper()
-    if workers > 1:
-        server.live.follow_commit_log(store, loop)
+    server.live.start()
     address = listener.sockets[0].getsockname()
     log.info("otserver listening on %s://%s:%d data_dir=%s", "https" if tls else "http",
              address[0], address[1], config.data_dir)
@@ -256,7 +202,6 @@ async def serve(config, *, workers: int = 1, sweeper: bool = True, notifier=None
         watchdog.stop()
         server.live.stop()
         listener.close()
-        server.stop_sweeper()
         for connection in list(server.connections):
             connection.shutdown()
         await server.writer.drain()
@@ -264,8 +209,10 @@ async def serve(config, *, workers: int = 1, sweeper: bool = True, notifier=None
             if not server.connections:
                 break
             await asyncio.sleep(0.05)
+        server.watch.stop()
         server.stop_clock()
         server.writer.close()
+        server.pool.close()
         store.close()
         log.info("otserver stopped: %d events stored in %d commits",
                  server.writer.events_stored, server.writer.commits)
@@ -274,7 +221,7 @@ async def serve(config, *, workers: int = 1, sweeper: bool = True, notifier=None
 
 class _Watchdog:
     """WATCHDOG=1 at half of WATCHDOG_USEC, only while the loop runs (this callback is proof)
-    and the writer is not wedged (`not_ready`); STATUS= with a summary every ping."""
+    and the writer is not wedged (`writer_problem`); STATUS= with a summary every ping."""
 
     def __init__(self, server, notifier):
         self.server = server
@@ -286,7 +233,7 @@ class _Watchdog:
 
     def ping(self) -> None:
         server = self.server
-        problem = server.not_ready()
+        problem = server.writer_problem()
         if problem is None:
             self.notifier.watchdog()
             self.notifier.status(f"{server.writer.events_stored} events stored, "
@@ -313,8 +260,23 @@ def tls_context(config):
     return context
 
 
+def prepare(config) -> None:
+    """Open the store once before any process serves it: a 0.1 store is migrated here, an
+    unknown schema refused, a new data directory laid out."""
+    from .store import open_store
+    open_store(config).close()
+
+
 def run(config, workers: int = 1) -> int:
-    if workers <= 1:
-        return uvloop.run(serve(config))
-    from .supervisor import supervise
-    return supervise(config, workers)
+    prepare(config)
+    if workers > 1:
+        from .supervisor import supervise
+        return supervise(config, workers)
+    folder = FolderProcess(config)
+    folder.start()
+    if not folder.wait_running():
+        log.error("the folder process did not start; serving anyway (reads will wait)")
+    try:
+        return uvloop.run(serve(config, folder=folder))
+    finally:
+        folder.stop()

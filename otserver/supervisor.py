@@ -1,11 +1,12 @@
 """`otserver serve --workers N`: a supervisor and N worker processes on one port.
 
 Invariants:
-- Workers are forked before anything opens the store: each opens its own LMDB environment
-  after the fork (an inherited environment is never used), so N writers share one data
-  directory the way separate processes do (LMDB's write lock, read-modify-write in the txn).
+- Workers are forked before anything opens the store: each opens its own LMDB environments
+  after the fork (an inherited environment is never used), so N workers append to one log the
+  way separate processes do (LMDB's write lock; positions assigned inside the transaction).
 - Every worker listens on the same port with SO_REUSEPORT; the kernel spreads connections.
-- One sweeper in all: worker 0 runs it, and its replacement does when it is restarted.
+- One folder for the store: a child process of the supervisor (it also runs the sweeper),
+  replaced when it dies, stopped after the workers have drained.
 - A worker that dies (for any reason but a stop) is replaced; the supervisor passes SIGTERM and
   SIGINT on and exits 0 once every worker has drained and exited 0.
 - systemd: the supervisor is the main process. It sends READY=1 when the port answers,
@@ -57,6 +58,7 @@ def _clean_snapshots(directory: str) -> None:
 
 
 def supervise(config, workers: int) -> int:
+    from .folder import FolderProcess
     from .server import serve
 
     notifier = Notifier.from_env()
@@ -78,8 +80,7 @@ def supervise(config, workers: int) -> int:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 _die_with_parent(parent)
                 reserved.close()
-                code = uvloop.run(serve(config, workers=workers, sweeper=index == 0,
-                                        notifier=Notifier()))
+                code = uvloop.run(serve(config, workers=workers, notifier=Notifier()))
             except BaseException:
                 log.exception("worker %d failed", index)
             finally:
@@ -103,6 +104,10 @@ def supervise(config, workers: int) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    folder = FolderProcess(config)
+    folder.start()
+    if not folder.wait_running():
+        log.error("otserver supervisor: the folder process did not start")
     for index in range(workers):
         spawn(index)
     log.info("otserver supervisor: %d workers on port %d", workers, port)
@@ -120,12 +125,18 @@ def supervise(config, workers: int) -> int:
             break
         if pid == 0:
             time.sleep(0.1)
+            if not stopping:
+                folder.check()
             if interval and time.monotonic() >= next_ping:
                 next_ping = time.monotonic() + interval
                 if _workers_healthy(metrics_dir, children, max(3.0, 2 * interval)):
                     notifier.watchdog()
                 else:
                     log.error("otserver supervisor: a worker is not healthy; watchdog withheld")
+            continue
+        if pid not in children:  # the folder (reaped here): folder.check() replaces it
+            if folder.proc is not None and pid == folder.proc.pid:
+                folder.proc.returncode = os.waitstatus_to_exitcode(status)
             continue
         index = children.pop(pid)
         code = os.waitstatus_to_exitcode(status)
@@ -140,6 +151,7 @@ def supervise(config, workers: int) -> int:
         if len(restarts) > 5 * workers:
             time.sleep(1.0)  # a crash loop: do not spin
         spawn(index)
+    folder.stop()
     reserved.close()
     log.info("otserver supervisor: stopped")
     return exit_code

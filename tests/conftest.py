@@ -143,7 +143,8 @@ class RunningServer:
     # ------------------------------------------------------------------ the store itself
 
     def counts(self) -> dict:
-        """Entries in the store's databases, read straight from LMDB (events, sessions, ...)."""
+        """What the store holds, read straight from LMDB: events in the log; sessions, users
+        and sites in the views."""
         store = Store(str(self.data_dir), readonly=True)
         try:
             return store.counts()
@@ -151,9 +152,10 @@ class RunningServer:
             store.close()
 
     def event_ids(self) -> list[str]:
+        """Every eid in the log, in log order."""
         store = Store(str(self.data_dir), readonly=True)
         try:
-            return store.event_keys()
+            return store.event_ids()
         finally:
             store.close()
 

@@ -17,9 +17,7 @@ import time
 
 import pytest
 from conftest import Response, take_responses
-
-from otserver.model import key_to_eid
-from otserver.store import Store
+from storecheck import log_events
 
 
 @pytest.fixture(autouse=True)
@@ -48,15 +46,9 @@ def open_connections(server) -> int:
     return int(re.search(r"^otserver_connections (\d+)", text, re.M).group(1))
 
 
-def stored(server) -> dict[str, tuple]:
-    """eid -> stored event value, straight from LMDB."""
-    store = Store(str(server.data_dir), readonly=True)
-    try:
-        with store.read() as txn:
-            return {key_to_eid(key): store.get_event(txn, key)
-                    for key, _ in txn.cursor(db=store.db["events"])}
-    finally:
-        store.close()
+def stored(server) -> dict:
+    """eid -> the event as logged, straight from LMDB."""
+    return {entry.eid: entry for entry in log_events(server.data_dir)}
 
 
 def close_all(socks) -> None:
@@ -137,7 +129,7 @@ def test_a_thousand_slowloris_connections_neither_starve_clients_nor_outlive_the
     # Nothing stored from them; everything from the normal clients.
     events = stored(server)
     assert set(events) == set(eids)
-    assert all(value[1] == "normal" for value in events.values())
+    assert all(value.si == "normal" for value in events.values())
     assert server.proc.poll() is None
     assert open_connections(server) <= 2
     assert server.stop() == 0
@@ -306,7 +298,7 @@ def test_ten_thousand_pipelined_requests_are_answered_in_order_with_bounded_memo
     assert len(set(eids)) == count
     events = stored(server)
     # In order: answer i carries the eid of the event stored from request i.
-    assert [events[eid][4]["n"] for eid in eids] == [str(i) for i in range(count)]
+    assert [events[eid].props["n"] for eid in eids] == [str(i) for i in range(count)]
     assert len(events) == count + 1
     assert peak[0] - rss_start < 100, f"RSS grew {peak[0] - rss_start:.0f} MB"
     assert server.stop() == 0
@@ -394,7 +386,7 @@ def test_a_few_pipelining_connections_cannot_take_the_whole_pending_budget(make_
     assert server.track(si="warm").status == 200
     data = b"".join(f"GET /?si=pipe&n={i} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
                     for i in range(1000))
-    env = lmdb.open(str(server.data_dir), max_dbs=32)
+    env = lmdb.open(str(server.data_dir / "log"), max_dbs=32)
     txn = env.begin(write=True)  # a slow commit: the writer waits for this lock
     socks: list[socket.socket] = []
     victim: list = []

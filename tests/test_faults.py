@@ -22,9 +22,7 @@ from urllib.parse import quote, urlencode
 import lmdb
 import pytest
 from conftest import parse_responses, read_response
-
-from otserver.model import R_COUNT, key_to_eid, session_key
-from otserver.store import Store
+from storecheck import check_consistent, wait_caught_up
 
 SITE = "faults"
 _WORKER_STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
@@ -32,45 +30,12 @@ _WORKER_STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
 
 # ---------------------------------------------------------------------- helpers
 
-def _check_consistent(data_dir, site: str = SITE) -> dict[str, tuple]:
+def _check_consistent(data_dir, site: str = SITE) -> dict:
     """Every stored event has its session and user; each session and user record counts its
-    events exactly; a session's event list has each event once, in seq order; a user's list of
-    sessions is exactly the sessions its events are in. Returns the stored events."""
-    store = Store(str(data_dir), readonly=True)
-    try:
-        with store.read() as txn:
-            events = {}
-            per_session: dict[str, int] = {}
-            per_user: dict[str, int] = {}
-            user_sessions: dict[str, set] = {}
-            for key, _ in txn.cursor(db=store.db["events"]):
-                value = store.get_event(txn, key)
-                events[key_to_eid(key)] = value
-                _ts, si, sid, uid, _props, _captured, _seq = value
-                assert si == site
-                assert store.get_session(txn, si, sid) is not None, f"event without session {sid}"
-                assert store.get_user(txn, si, uid) is not None, f"event without user {uid}"
-                per_session[sid] = per_session.get(sid, 0) + 1
-                per_user[uid] = per_user.get(uid, 0) + 1
-                user_sessions.setdefault(uid, set()).add(sid)
-            assert txn.stat(store.db["sessions"])["entries"] == len(per_session)
-            assert txn.stat(store.db["users"])["entries"] == len(per_user)
-            for sid, count in per_session.items():
-                session = store.get_session(txn, site, sid)
-                assert session[R_COUNT] == count, f"session {sid}: counts {session[R_COUNT]}, has {count}"
-                keys = store.session_event_keys(txn, session, session_key(site, sid), 0, 10**9)
-                assert len(keys) == len(set(keys)) == count, f"session {sid}: event list broken"
-                assert [store.get_event(txn, k)[6] for k in keys] == list(range(count))
-            for uid, count in per_user.items():
-                user = store.get_user(txn, site, uid)
-                assert user[R_COUNT] == count, f"user {uid}: counts {user[R_COUNT]}, has {count}"
-                entries = store.user_session_entries(txn, site, uid, None, 10**6)
-                listed = [skey for _, skey in entries]
-                assert len(listed) == len(set(listed))
-                assert set(listed) == {session_key(site, s) for s in user_sessions[uid]}, uid
-            return events
-    finally:
-        store.close()
+    events exactly; a session's event list has each event once, in log order; a user's list
+    of sessions is exactly the sessions its events are in. Returns the stored events."""
+    wait_caught_up(data_dir)
+    return check_consistent(data_dir, site=site)
 
 
 def _pid_is_ours(pid: int, marker: str) -> bool:
@@ -245,7 +210,8 @@ def test_workers_killed_repeatedly_under_load_lose_nothing_acknowledged(make_ser
         assert not any(c.is_alive() for c in clients)
         # Killed workers' reader slots were cleared by their replacements (looked at while the
         # workers hold the environment open, see _stale_readers).
-        assert _stale_readers(marker) == []
+        assert _stale_readers(Path(marker, "log")) == []
+        assert _stale_readers(Path(marker, "views")) == []
         assert server.stop() == 0  # SIGTERM to the supervisor: every worker drains
         assert not _kill_leftovers(seen_pids, marker), "workers outlived their supervisor"
     finally:
@@ -263,7 +229,7 @@ def test_workers_killed_repeatedly_under_load_lose_nothing_acknowledged(make_ser
     # Each send stored at most once; an acknowledged send stored exactly as the eid says.
     by_send: dict[tuple[str, int], list[str]] = {}
     for eid, value in events.items():
-        props = value[4]
+        props = value.props
         by_send.setdefault((props["req"], int(props["try"])), []).append(eid)
     doubles = {k: v for k, v in by_send.items() if len(v) > 1}
     assert not doubles, f"one request stored twice: {list(doubles.items())[:3]}"
@@ -344,7 +310,7 @@ def test_a_full_disk_refuses_with_503_stores_nothing_partial_and_recovers_by_its
     assert server.get("/healthz").status == 200
     events = _check_consistent(server.data_dir)
     assert set(events) == set(acked)
-    assert not [e for e in events.values() if e[2] == "refused"]
+    assert not [e for e in events.values() if e.sid == "refused"]
     for eid in (acked[0], acked[len(acked) // 2], acked[-1]):
         assert server.api(f"/api/v1/events/{eid}?si={SITE}", token).status == 200
     session = server.api(f"/api/v1/sessions/s0?si={SITE}&limit=1", token)
@@ -376,20 +342,24 @@ _READER = """
 import sys, time, lmdb
 env = lmdb.open(sys.argv[1], max_dbs=32)
 txn = env.begin()                       # a read transaction: a slot pinning this snapshot
-txn.stat(env.open_db(b"events", txn=txn, create=False))
+txn.stat(env.open_db(sys.argv[2].encode(), txn=txn, create=False))
 print("reading", flush=True)
 time.sleep(60)
 """
 
 
 def _used_bytes(server) -> int:
+    """Pages in use in the log and the views together."""
     text = server.get("/metrics").text
-    return int(re.search(r"^otserver_store_used_bytes (\d+)", text, re.M).group(1))
+    return sum(int(n) for n in re.findall(r'^otserver_store_used_bytes\{env="\w+"\} (\d+)',
+                                          text, re.M))
 
 
-def _kill_a_reader(data_dir) -> int:
-    """A process opens the store, begins a read transaction and is SIGKILLed inside it."""
-    reader = subprocess.Popen([sys.executable, "-c", _READER, str(data_dir)],
+def _kill_a_reader(data_dir, env: str = "log") -> int:
+    """A process opens one of the store's environments, begins a read transaction and is
+    SIGKILLed inside it."""
+    reader = subprocess.Popen([sys.executable, "-c", _READER, str(Path(data_dir, env)),
+                               "log" if env == "log" else "sessions"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert reader.stdout.readline().strip() == "reading"
@@ -424,14 +394,15 @@ def test_a_reader_killed_inside_its_transaction_is_cleared_when_a_server_starts(
     for i in range(20):
         assert server.track(si=SITE, sid=f"warm{i}").status == 200
     assert server.stop() == 0
-    holder(server.data_dir)  # the lock file (and the dead slot in it) outlives the reader
+    log_env = Path(server.data_dir, "log")
+    holder(log_env)  # the lock file (and the dead slot in it) outlives the reader
     dead = _kill_a_reader(server.data_dir)
-    assert _stale_readers(server.data_dir) == [dead], "the setup left no stale slot"
+    assert _stale_readers(log_env) == [dead], "the setup left no stale slot"
 
     server.extra_args = ["--ttl", "1s", "--sweep-interval", "0.3s"]
     server.start()
-    assert _stale_readers(server.data_dir) == []  # reader_check at start
-    assert _reader_check(server.data_dir) == 0
+    assert _stale_readers(log_env) == []  # reader_check at start
+    assert _reader_check(log_env) == 0
 
     used = _churn(server, 6)
     print("used KiB per churn cycle:", [u >> 10 for u in used])
@@ -445,8 +416,9 @@ def test_a_reader_killed_while_the_server_runs_does_not_make_the_store_grow_fore
         make_server):
     server = make_server("--ttl", "1s", "--sweep-interval", "0.3s")
     assert server.track(si=SITE, sid="warm").status == 200
-    dead = _kill_a_reader(server.data_dir)  # the server holds the environment open
-    assert _stale_readers(server.data_dir) == [dead], "the setup left no stale slot"
+    dead = [_kill_a_reader(server.data_dir, env) for env in ("log", "views")]  # held open
+    for env, pid in zip(("log", "views"), dead):
+        assert _stale_readers(Path(server.data_dir, env)) == [pid], "the setup left no slot"
     used = _churn(server, 5)
     print("used KiB per churn cycle:", [u >> 10 for u in used])
     # Expected: the server clears the dead slot by itself (reader_check now and then, e.g.
@@ -463,8 +435,8 @@ def test_a_writer_stall_longer_than_the_header_timeout_does_not_cut_off_a_pipeli
     requests = [f"GET /?si={SITE}&sid=pipe&n={i} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
                 for i in range(101)]
     # Stall the writer for real (a slow disk, a long transaction of another process): hold
-    # LMDB's write lock from here.
-    env = lmdb.open(str(server.data_dir), max_dbs=32)
+    # the log's LMDB write lock from here.
+    env = lmdb.open(str(Path(server.data_dir, "log")), max_dbs=32)
     txn = env.begin(write=True)
     try:
         with server.connect() as sock:

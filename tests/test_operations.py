@@ -61,7 +61,7 @@ def test_a_wedged_writer_stops_the_watchdog_pings(make_server, tmp_path, notify)
     receive(sock, 0.5)
     # Wedge the writer for real: hold LMDB's write lock from this process, then send an event
     # whose commit must wait for it.
-    env = lmdb.open(str(server.data_dir), max_dbs=32)
+    env = lmdb.open(str(server.data_dir / "log"), max_dbs=32)
     txn = env.begin(write=True)
     answers = []
     sender = threading.Thread(target=lambda: answers.append(server.track(si="s", sid="w")))
@@ -196,7 +196,10 @@ def test_metrics_readyz_and_refusal_counts(server):
     assert 'otserver_refusals_total{reason="bad_request"} 1' in text
     assert 'otserver_refusals_total{reason="not_found"} 1' in text
     assert re.search(r'^otserver_commit_events_bucket\{le="\+Inf"\} [1-9]', text, re.M)
-    assert re.search(r"^otserver_store_file_bytes [1-9]", text, re.M)
+    assert re.search(r'^otserver_store_file_bytes\{env="log"\} [1-9]', text, re.M)
+    assert re.search(r'^otserver_store_file_bytes\{env="views"\} [1-9]', text, re.M)
+    assert "otserver_folder_up 1" in text
+    assert "otserver_view_lag_events 0" in text
     assert "otserver_queue_events 0" in text
 
 

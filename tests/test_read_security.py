@@ -178,7 +178,7 @@ def secrets_of(world) -> list[str]:
 
 def test_tokens_are_stored_only_as_their_sha256(world):
     server = world["server"]
-    raw = (server.data_dir / "data.mdb").read_bytes()
+    raw = b"".join((server.data_dir / env / "data.mdb").read_bytes() for env in ("log", "views"))
     for token in secrets_of(world):
         assert token.encode() not in raw
         assert token[3:].encode() not in raw  # not even without its prefix
@@ -393,22 +393,33 @@ def test_no_input_is_reflected_into_answer_headers(world, method, target, key, h
 
 def test_live_stream_head_reflects_nothing_and_grants_no_cors(world):
     server = world["server"]
-    request = (f"GET /api/v1/live?si={SITE_A} HTTP/1.1\r\nHost: x\r\n"
-               f"Authorization: Bearer {world['a']}\r\nOrigin: {ORIGIN}\r\n"
-               f"Last-Event-ID: {MARK}\r\n\r\n").encode()
-    with server.connect(timeout=5) as sock:
-        sock.sendall(request)
-        data = b""
-        deadline = time.monotonic() + 5
-        while b": live" not in data and time.monotonic() < deadline:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            data += chunk
+
+    def open_stream(last_event_id: str) -> bytes:
+        request = (f"GET /api/v1/live?si={SITE_A} HTTP/1.1\r\nHost: x\r\n"
+                   f"Authorization: Bearer {world['a']}\r\nOrigin: {ORIGIN}\r\n"
+                   f"Last-Event-ID: {last_event_id}\r\n\r\n").encode()
+        with server.connect(timeout=5) as sock:
+            sock.sendall(request)
+            data = b""
+            deadline = time.monotonic() + 5
+            while b": live" not in data and b"}" not in data and time.monotonic() < deadline:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        return data
+
+    data = open_stream("1")  # a log position: the stream starts, replaying what follows it
     head = data.partition(b"\r\n\r\n")[0]
     assert head.startswith(b"HTTP/1.1 200 "), data
     assert b"text/event-stream" in head
-    assert MARK.encode() not in head.lower() and b"attacker" not in head.lower()
+    assert b"attacker" not in head.lower()
+    assert b"access-control-" not in head.lower()
+    # Anything else is refused, and quoted nowhere.
+    data = open_stream(MARK)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), data
+    assert MARK.encode() not in data.lower() and b"attacker" not in data.lower()
     assert b"access-control-" not in head.lower()
 
 

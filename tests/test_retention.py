@@ -12,9 +12,12 @@ import pytest
 from conftest import RunningServer
 
 from otserver.config import Config
-from otserver.model import (R_LAST, EidGenerator, chunk_key, key_to_eid, make_event, pair_key,
-                            session_key, user_key)
-from otserver.store import Store, unpackb
+from otserver.folder import Folder
+from otserver.model import (R_COUNT, R_LAST, EidGenerator, chunk_key, make_event, pair_key,
+                            session_key, unpackb, user_key)
+from otserver.store import Store
+from otserver.sweeper import sweep_step
+from otserver.views import POSITION_BYTES
 
 DAY_MS = 86_400_000
 NOW = 1_800_000_000_000  # a fixed "now" for the injected clock
@@ -22,22 +25,36 @@ TTL_MS = 60 * DAY_MS
 CONFIG = Config()
 
 
+def write(store: Store, events: list) -> None:
+    """Append events to the log and fold them, as the writer and the folder do."""
+    store.log.append([event.encode() for event in events])
+    Folder(store.log, store.views, CONFIG, sweeper=False).catch_up()
+
+
 def ingest(store: Store, gen: EidGenerator, ts: int, si="s", **props) -> str:
     event = make_event({"si": si, **props}, None, gen, ts, CONFIG)
-    store.write_batch([event])
+    write(store, [event])
     return event.eid
+
+
+def sweep(store: Store, now: int = NOW, ttl: int = TTL_MS, limit: int = 1000) -> dict:
+    return sweep_step(store.log, store.views, now, ttl, limit)
 
 
 def assert_no_dangling(store: Store) -> None:
     """Every index entry names something that exists, and everything stored is indexed."""
-    db = store.db
-    with store.read() as txn:
+    from otserver.model import LogEntry
+    views = store.views
+    db = views.db
+    with views.read() as txn, store.log.read() as ltxn:
         sessions = {k for k, _ in txn.cursor(db=db["sessions"])}
         users = {k for k, _ in txn.cursor(db=db["users"])}
-        for key, raw in txn.cursor(db=db["events"]):
-            ts, si, sid, uid = unpackb(raw)[:4]
-            assert session_key(si, sid) in sessions, f"event {key_to_eid(key)} has no session"
-            assert user_key(si, uid) in users, f"event {key_to_eid(key)} has no user"
+        logged = set()
+        for position, raw in store.log.entries_after(ltxn, 0, 1 << 62):
+            entry = LogEntry(position, raw)
+            logged.add(position)
+            assert session_key(entry.si, entry.sid) in sessions, f"event {entry.eid} has no session"
+            assert user_key(entry.si, entry.uid) in users, f"event {entry.eid} has no user"
         expiry = set()
         for entry, _ in txn.cursor(db=db["expiry"]):
             kind, key = entry[4:5], entry[5:]
@@ -49,7 +66,7 @@ def assert_no_dangling(store: Store) -> None:
         pairs = {k for k, _ in txn.cursor(db=db["user_pairs"])}
         listed = set()
         for ukey, entry in txn.cursor(db=db["user_sessions"]):
-            skey = ukey[:8] + entry[16:]
+            skey = ukey[:8] + entry[POSITION_BYTES:]
             assert ukey in users and skey in sessions, "user_sessions entry dangles"
             listed.add(pair_key(ukey, skey))
         for skey, ukey in txn.cursor(db=db["session_users"]):
@@ -57,6 +74,8 @@ def assert_no_dangling(store: Store) -> None:
         assert pairs == listed
         for key, _ in txn.cursor(db=db["session_chunks"]):
             assert any(key[:-4] == chunk_key(s, 0)[:-4] for s in sessions), "chunk dangles"
+        for key, _ in txn.cursor(db=db["site_events"]):
+            assert int.from_bytes(key[8:], "big") in logged, "site listing names a swept event"
 
 
 @pytest.fixture
@@ -70,13 +89,14 @@ def test_an_event_61_days_old_goes_and_one_59_days_old_stays(store):
     gen = EidGenerator()
     old = ingest(store, gen, NOW - 61 * DAY_MS, sid="a")
     young = ingest(store, gen, NOW - 59 * DAY_MS, sid="b")
-    result = store.sweep_step(NOW, TTL_MS)
+    result = sweep(store)
     assert result == {"events": 1, "sessions": 1, "users": 1, "more": False}
-    assert set(store.event_keys()) == {young}
-    assert old not in store.event_keys()
-    with store.read() as txn:
-        assert store.get_session(txn, "s", "a") is None and store.get_user(txn, "s", "a") is None
-        assert store.get_session(txn, "s", "b") is not None
+    assert store.event_ids() == [young]
+    assert old not in store.event_ids()
+    with store.views.read() as txn:
+        assert store.views.get_session(txn, session_key("s", "a")) is None
+        assert store.views.get_user(txn, user_key("s", "a")) is None
+        assert store.views.get_session(txn, session_key("s", "b")) is not None
     assert_no_dangling(store)
 
 
@@ -84,14 +104,14 @@ def test_a_session_touched_yesterday_stays_though_its_first_event_is_90_days_old
     gen = EidGenerator()
     first = ingest(store, gen, NOW - 90 * DAY_MS, sid="long", uid="u1", page="/a")
     last = ingest(store, gen, NOW - 1 * DAY_MS, sid="long", uid="u2", page="/b")
-    store.sweep_step(NOW, TTL_MS)
-    assert store.event_keys() == [last]
-    with store.read() as txn:
-        session = store.get_session(txn, "s", "long")
-        assert session is not None and session[3] == 2  # the fold keeps its history
-        assert store.get_user(txn, "s", "u1") is None  # not touched for 90 days
-        assert store.get_user(txn, "s", "u2") is not None
-    assert first not in store.event_keys()
+    sweep(store)
+    assert store.event_ids() == [last]
+    with store.views.read() as txn:
+        session = store.views.get_session(txn, session_key("s", "long"))
+        assert session is not None and session[R_COUNT] == 2  # the fold keeps its history
+        assert store.views.get_user(txn, user_key("s", "u1")) is None  # not touched for 90 days
+        assert store.views.get_user(txn, user_key("s", "u2")) is not None
+    assert first not in store.event_ids()
     assert_no_dangling(store)
 
 
@@ -99,11 +119,11 @@ def test_sweeping_is_bounded_per_step_and_finishes(store):
     gen = EidGenerator()
     batch = [make_event({"si": "s", "sid": f"s{i % 50}", "uid": f"u{i % 7}"}, None, gen,
                         NOW - 70 * DAY_MS + i, CONFIG) for i in range(500)]
-    store.write_batch(batch)
+    write(store, batch)
     keep = ingest(store, gen, NOW - DAY_MS, sid="s1", uid="u1")
     steps, totals = 0, {"events": 0, "sessions": 0, "users": 0}
     while True:
-        result = store.sweep_step(NOW, TTL_MS, limit=40)
+        result = sweep(store, limit=40)
         assert result["events"] + result["sessions"] + result["users"] <= 40
         for name in totals:
             totals[name] += result[name]
@@ -112,7 +132,7 @@ def test_sweeping_is_bounded_per_step_and_finishes(store):
             break
     assert steps >= 500 // 40
     assert totals == {"events": 500, "sessions": 49, "users": 6}
-    assert store.event_keys() == [keep]
+    assert store.event_ids() == [keep]
     assert_no_dangling(store)
 
 
@@ -120,18 +140,41 @@ def test_long_sessions_lose_their_expired_chunks(store):
     gen = EidGenerator()
     old = [make_event({"si": "s", "sid": "big"}, None, gen, NOW - 80 * DAY_MS + i, CONFIG)
            for i in range(200)]  # 3 full chunks of 64, 8 in the tail
-    store.write_batch(old)
+    write(store, old)
     young = [make_event({"si": "s", "sid": "big"}, None, gen, NOW - DAY_MS + i, CONFIG)
              for i in range(100)]
-    store.write_batch(young)
-    store.sweep_step(NOW, TTL_MS, limit=10_000)
-    with store.read() as txn:
-        chunks = [k for k, _ in txn.cursor(db=store.db["session_chunks"])]
-        session = store.get_session(txn, "s", "big")
-        keys = store.session_event_keys(txn, session, session_key("s", "big"), 0, 1000)
+    write(store, young)
+    sweep(store, limit=10_000)
+    views = store.views
+    with views.read() as txn:
+        chunks = [k for k, _ in txn.cursor(db=views.db["session_chunks"])]
+        session = views.get_session(txn, session_key("s", "big"))
+        positions = views.session_positions(txn, session, session_key("s", "big"), 0, 1000)
     assert len(chunks) == 1  # chunks 0-2 held only expired events; chunk 3 has young ones
-    assert [k for k in keys if k in {e.key for e in young}] == [e.key for e in young]
+    with store.log.read() as txn:
+        listed = [store.log.get(txn, p).eid for p in positions if p and store.log.get(txn, p)]
+    assert listed == [e.eid for e in young]
     assert_no_dangling(store)
+
+
+def test_the_sweeper_leaves_unfolded_entries_and_positions_are_never_reused(store):
+    """Only what the views have folded goes (else a view would miss it for good); when the
+    log's last entry goes, the next entry still gets a new position."""
+    gen = EidGenerator()
+    folded = [make_event({"si": "s", "sid": "a"}, None, gen, NOW - 70 * DAY_MS + i, CONFIG)
+              for i in range(3)]
+    write(store, folded)
+    unfolded = make_event({"si": "s", "sid": "b"}, None, gen, NOW - 70 * DAY_MS + 10, CONFIG)
+    store.log.append([unfolded.encode()])  # logged, not yet folded
+    assert sweep(store)["events"] == 3
+    assert store.event_ids() == [unfolded.eid]
+    Folder(store.log, store.views, CONFIG, sweeper=False).catch_up()
+    assert sweep(store)["events"] == 1  # folded now: the log is empty
+    assert store.event_ids() == []
+    later = ingest(store, gen, NOW - DAY_MS, sid="c")
+    assert store.event_ids() == [later]
+    with store.log.read() as txn:
+        assert store.log.first_position(txn) == store.log.tail(txn) == 5  # not reused
 
 
 def test_store_size_levels_off_under_churn(tmp_path):
@@ -147,15 +190,17 @@ def test_store_size_levels_off_under_churn(tmp_path):
                                  "page": "/x" * 20}, None, gen, now + i, CONFIG)
                      for i in range(3000)]
             for start in range(0, len(batch), 500):
-                store.write_batch(batch[start:start + 500])
-            while store.sweep_step(now + 2000, ttl, 2000)["more"]:
+                write(store, batch[start:start + 500])
+            while sweep(store, now + 2000, ttl, 2000)["more"]:
                 pass
-            used.append(store.env.info()["last_pgno"])
+            used.append((store.log.store.used_bytes(), store.views.store.used_bytes()))
     finally:
         store.close()
     # After a few cycles the sweeper frees as much as ingest takes: the high-water mark of
-    # pages stops rising.
-    assert max(used[8:]) <= max(used[:8]) * 1.10, used
+    # pages stops rising, in the log and in the views.
+    for env in (0, 1):
+        pages = [u[env] for u in used]
+        assert max(pages[8:]) <= max(pages[:8]) * 1.10, used
 
 
 # ---------------------------------------------------------------------- over the CLI
@@ -289,4 +334,6 @@ def test_backup_of_a_store_under_load_opens_and_serves_the_same_data(make_server
     assert live["event_count"] == len([e for e in during if e in copied])
     again = run_cli("backup", str(dest), "--data-dir", str(server.data_dir))
     assert again.returncode == 1 and "already holds a store" in again.stderr
-    assert Path(dest, "data.mdb").stat().st_size <= Path(server.data_dir, "data.mdb").stat().st_size
+    for env in ("log", "views"):
+        assert Path(dest, env, "data.mdb").stat().st_size <= \
+            Path(server.data_dir, env, "data.mdb").stat().st_size

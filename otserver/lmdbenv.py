@@ -1,0 +1,154 @@
+"""One LMDB environment: opened with its named databases, grown on demand, read and written
+safely from several threads of one process and from several processes. No asyncio here.
+
+Invariants:
+- The map grows by itself (doubling) up to `max_bytes`; past that a write raises StoreFull.
+  A map grown by a sibling process is adopted (MapResizedError).
+- Resizing needs no transaction open in this process: reads and the resize share `_resize_lock`.
+- A write either commits whole or raises StoreFull / StoreFailed with nothing stored.
+- `schema` is checked at open: a writable open of an empty environment records it; any other
+  value is refused with SchemaError.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from contextlib import contextmanager
+
+import lmdb
+
+from .errors import StoreFailed, StoreFull
+
+META = "meta"
+
+
+class SchemaError(Exception):
+    """The environment was written by a release this one does not know."""
+
+
+class Environment:
+    def __init__(self, path: str, names: tuple[str, ...], *, schema: bytes,
+                 dupsort: frozenset = frozenset(), initial_bytes: int = 64 << 20,
+                 max_bytes: int = 64 << 30, readonly: bool = False, sync: bool = True,
+                 metasync: bool = True, what: str = "store"):
+        self.path = path
+        self.max_bytes = max_bytes
+        if not readonly:
+            os.makedirs(path, exist_ok=True)
+        existing = file_size(os.path.join(path, "data.mdb"))
+        names = names + (META,)
+        self.env = lmdb.open(
+            path, map_size=max(initial_bytes, existing), max_dbs=len(names) + 2,
+            readonly=readonly, sync=sync, metasync=metasync, readahead=False, meminit=False,
+            max_readers=1024, max_spare_txns=8, create=not readonly)
+        self._resize_lock = threading.Lock()
+        options = {name: {"dupsort": True} if name in dupsort else {} for name in names}
+        if readonly:  # handles opened in a read transaction die with it: open them bare
+            self.db = {name: self.env.open_db(name.encode(), create=False, **options[name])
+                       for name in names}
+        else:
+            self.env.reader_check()  # clear slots left by killed processes
+            with self.env.begin(write=True) as txn:
+                self.db = {name: self.env.open_db(name.encode(), txn=txn, **options[name])
+                           for name in names}
+                if txn.get(b"schema", db=self.db[META]) is None:
+                    txn.put(b"schema", schema, db=self.db[META])
+        with self.env.begin() as txn:
+            found = txn.get(b"schema", db=self.db[META])
+        if found is not None and found != schema:
+            self.env.close()
+            raise SchemaError(f"{what} at {path} has schema version {found.decode(errors='replace')}"
+                              f"; this otserver reads version {schema.decode()}")
+        self.page_size = self.env.stat()["psize"]
+        self.last_write_seconds = 0.0  # how long the last write held the write lock
+
+    def close(self) -> None:
+        self.env.close()
+
+    # ------------------------------------------------------------------ map size
+
+    def map_size(self) -> int:
+        return self.env.info()["map_size"]
+
+    def used_bytes(self) -> int:
+        return (self.env.info()["last_pgno"] + 1) * self.page_size
+
+    def file_bytes(self) -> int:
+        return file_size(os.path.join(self.path, "data.mdb"))
+
+    def _grow(self) -> None:
+        """Double the map, up to the cap. Called with no transaction open in this thread."""
+        current = self.map_size()
+        if current >= self.max_bytes:
+            raise StoreFull(f"store is at its size cap ({self.max_bytes} bytes)")
+        with self._resize_lock:
+            self.env.set_mapsize(min(self.max_bytes, current * 2))
+
+    def _adopt_size(self) -> None:
+        """A sibling process grew the map: take its size."""
+        with self._resize_lock:
+            self.env.set_mapsize(0)
+
+    # ------------------------------------------------------------------ transactions
+
+    @contextmanager
+    def read(self):
+        """A read transaction; the map is not resized while it is open."""
+        with self._resize_lock:
+            while True:
+                try:
+                    txn = self.env.begin(buffers=False)
+                    break
+                except lmdb.MapResizedError:
+                    self.env.set_mapsize(0)
+            try:
+                yield txn
+            finally:
+                txn.abort()
+
+    def write(self, apply, *args):
+        """Run apply(txn, *args) in one write transaction and commit it, growing the map as
+        needed. Raises StoreFull (cap or disk) or StoreFailed; then nothing was stored."""
+        while True:
+            txn = None
+            try:
+                txn = self.env.begin(write=True)
+                held = time.perf_counter()
+                result = apply(txn, *args)
+                txn.commit()
+                self.last_write_seconds = time.perf_counter() - held
+                return result
+            except lmdb.MapFullError:
+                txn.abort()
+                self._grow()
+            except lmdb.MapResizedError:
+                if txn is not None:
+                    txn.abort()
+                self._adopt_size()
+            except lmdb.Error as exc:
+                if txn is not None:
+                    txn.abort()
+                if _is_disk_full(exc):
+                    raise StoreFull(f"disk full: {exc}") from exc
+                raise StoreFailed(str(exc)) from exc
+            except BaseException:
+                if txn is not None:
+                    txn.abort()
+                raise
+
+    def entries(self, name: str) -> int:
+        with self.read() as txn:
+            return txn.stat(self.db[name])["entries"]
+
+
+def file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _is_disk_full(exc: lmdb.Error) -> bool:
+    return getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)

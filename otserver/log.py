@@ -1,0 +1,249 @@
+"""The event log: every accepted event (and erasure request), in one order. No asyncio here.
+
+Environment `<data dir>/log` (keys are bytes):
+  log       position(8)            -> entry: ts(8) kind(1) id(16) msgpack(body)  (model.LogEntry)
+  eids      id(16)                 -> position(8)
+  erasures  position(8)            -> msgpack([result]) of the erasure entry at that position
+  tokens    sha256(token)(32)      -> msgpack([site, created_ms, label])
+  meta      b"schema"              -> SCHEMA
+            b"next"                -> position(8): the next position, once the last entry
+                                      has been deleted (by the sweeper)
+
+Invariants:
+- Positions start at 1 and are assigned inside the write transaction that appends: the last
+  position + 1 (or meta `next`, when the sweeper has deleted the last entry). LMDB serialises
+  write transactions across processes, so positions are one strictly increasing order for
+  every process sharing the directory, never reused, and an append always lands at the right
+  edge of the B-tree (MDB_APPEND).
+- Times never decrease along the log: an appended entry whose time is below the last entry's
+  takes the last entry's (the few milliseconds between workers' commits, a clock stepped back).
+  So the entries of any time range are one run of positions (`position_at_time`).
+- Whoever deletes the last entry records `next` in the same transaction (the sweeper; an
+  erasure's purge never does: its own entry follows what it erases).
+- A commit is synced (data and meta) before `append` returns: an acknowledged event is on disk.
+- Exactly one thread of a process appends: the writer (or a CLI command, which has no writer).
+"""
+from __future__ import annotations
+
+import os
+
+from .errors import StoreFailed
+from .lmdbenv import Environment
+from .model import ID_END, KIND_END, LogEntry, packb, position_bytes, unpackb
+
+SCHEMA = b"2"
+NAMES = ("log", "eids", "erasures", "tokens")
+ZERO_TS = bytes(8)
+
+
+class DuplicateId(StoreFailed):
+    """An appended id is in the log already (nothing of the batch was stored)."""
+
+
+class EventLog:
+    def __init__(self, path: str, *, initial_bytes: int = 64 << 20, max_bytes: int = 64 << 30,
+                 readonly: bool = False, environment: Environment | None = None):
+        self.store = environment or Environment(
+            path, NAMES, schema=SCHEMA, initial_bytes=initial_bytes, max_bytes=max_bytes,
+            readonly=readonly, what="event log")
+        self.path = path
+        db = self.store.db
+        self._log, self._eids, self._erasures, self._tokens = (db[n] for n in NAMES)
+        self._meta = db["meta"]
+        self.read = self.store.read
+        self.write = self.store.write
+
+    def close(self) -> None:
+        self.store.close()
+
+    # ------------------------------------------------------------------ append
+
+    def append(self, values: list[bytes]) -> int:
+        """Append encoded entries in one synced transaction; -> the first one's position."""
+        return self.store.write(self.append_in, values)
+
+    def append_in(self, txn, values: list[bytes]) -> int:
+        cur = txn.cursor(db=self._log)
+        if cur.last():
+            position = int.from_bytes(cur.key(), "big") + 1
+            last_ts = cur.value()[:8]
+        else:
+            position, last_ts = 1, ZERO_TS
+        floor = txn.get(b"next", db=self._meta)
+        if floor is not None and int.from_bytes(floor, "big") > position:
+            position = int.from_bytes(floor, "big")
+        first = position
+        items = []
+        ids = []
+        for value in values:
+            ts = value[:8]
+            if ts < last_ts:
+                value = last_ts + value[8:]
+            else:
+                last_ts = ts
+            key = position.to_bytes(8, "big")
+            items.append((key, value))
+            ids.append((value[KIND_END:ID_END], key))
+            position += 1
+        cur.putmulti(items, append=True)
+        _, added = txn.cursor(db=self._eids).putmulti(ids, overwrite=False)
+        if added != len(ids):
+            raise DuplicateId("an appended id is already in the log")
+        return first
+
+    # ------------------------------------------------------------------ reads
+
+    def tail(self, txn) -> int:
+        """The last position given to an entry (0: none yet), whether or not it is kept."""
+        cur = txn.cursor(db=self._log)
+        if cur.last():
+            return int.from_bytes(cur.key(), "big")
+        floor = txn.get(b"next", db=self._meta)
+        return int.from_bytes(floor, "big") - 1 if floor is not None else 0
+
+    def last_position(self) -> int:
+        with self.read() as txn:
+            return self.tail(txn)
+
+    def first_position(self, txn) -> int:
+        cur = txn.cursor(db=self._log)
+        return int.from_bytes(cur.key(), "big") if cur.first() else 0
+
+    def get(self, txn, position: int) -> LogEntry | None:
+        raw = txn.get(position_bytes(position), db=self._log)
+        return LogEntry(position, raw) if raw is not None else None
+
+    def raw(self, txn, position: int) -> bytes | None:
+        return txn.get(position_bytes(position), db=self._log)
+
+    def find(self, txn, key: bytes) -> int | None:
+        """The position of the entry with this 16-byte id."""
+        raw = txn.get(key, db=self._eids)
+        return int.from_bytes(raw, "big") if raw is not None else None
+
+    def entries_after(self, txn, after: int, limit: int, until: int | None = None):
+        """Up to `limit` (position, raw entry) with after < position (<= until), in order."""
+        cur = txn.cursor(db=self._log)
+        out = []
+        if not cur.set_range(position_bytes(after + 1)):
+            return out
+        stop = position_bytes(until) if until is not None else None
+        for key, value in cur:
+            if stop is not None and key > stop:
+                break
+            out.append((int.from_bytes(key, "big"), value))
+            if len(out) >= limit:
+                break
+        return out
+
+    def scan(self, txn, position: int, reverse: bool = False):
+        """(position, raw entry) from `position` on (or back, with `reverse`), skipping gaps."""
+        cur = txn.cursor(db=self._log)
+        if reverse:
+            if not cur.set_range(position_bytes(position)):
+                if not cur.last():
+                    return
+            elif int.from_bytes(cur.key(), "big") > position and not cur.prev():
+                return
+            iterator = cur.iterprev()
+        else:
+            if not cur.set_range(position_bytes(position)):
+                return
+            iterator = cur.iternext()
+        for key, value in iterator:
+            yield int.from_bytes(key, "big"), value
+
+    def position_at_time(self, txn, ts_ms: int) -> int:
+        """The first position whose time is >= ts_ms (tail + 1 when none).
+
+        Times never decrease along the log, so f(p) = the time of the first entry at or
+        after position p is non-decreasing too (deleted positions are gaps), and the answer
+        is a lower-bound binary search over positions.
+        """
+        cur = txn.cursor(db=self._log)
+        if not cur.last():
+            return 1
+        last = int.from_bytes(cur.key(), "big")
+        cur.first()
+        lo, hi = int.from_bytes(cur.key(), "big"), last + 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            cur.set_range(position_bytes(mid))  # finds an entry: mid <= last exists
+            if int.from_bytes(cur.value()[:8], "big") >= ts_ms:
+                hi = mid
+            else:
+                lo = mid + 1
+        if lo > last:
+            return last + 1
+        cur.set_range(position_bytes(lo))
+        return int.from_bytes(cur.key(), "big")
+
+    def event_count(self) -> int:
+        """Entries that are events: every erasure entry has its result stored (once purged)."""
+        with self.read() as txn:
+            return txn.stat(self._log)["entries"] - txn.stat(self._erasures)["entries"]
+
+    # ------------------------------------------------------------------ deletions
+
+    def delete_in(self, txn, positions) -> int:
+        """Delete entries and their id index entries (an erasure's purge, the sweeper); when
+        the last entry goes, record the next position (positions are never reused)."""
+        deleted = 0
+        tail = self.tail(txn)
+        for position in positions:
+            key = position_bytes(position)
+            raw = txn.get(key, db=self._log)
+            if raw is None:
+                continue
+            txn.delete(raw[KIND_END:ID_END], db=self._eids)
+            txn.delete(key, db=self._log)
+            deleted += 1
+        if deleted and self.tail(txn) < tail:
+            txn.put(b"next", position_bytes(tail + 1), db=self._meta)
+        return deleted
+
+    # ------------------------------------------------------------------ erasure results
+
+    def put_erasure_result(self, txn, position: int, result) -> None:
+        txn.put(position_bytes(position), packb([result]), db=self._erasures, overwrite=False)
+
+    def erasure_result(self, position: int) -> tuple[bool, object]:
+        """(done, result) of the erasure entry at `position`; result None: no such user."""
+        with self.read() as txn:
+            raw = txn.get(position_bytes(position), db=self._erasures)
+        return (True, unpackb(raw)[0]) if raw is not None else (False, None)
+
+    def delete_erasure_results_before(self, txn, position: int, limit: int) -> int:
+        cur = txn.cursor(db=self._erasures)
+        done = 0
+        cur.first()
+        while done < limit and cur.key() and cur.key() < position_bytes(position):
+            cur.delete()
+            done += 1
+        return done
+
+    # ------------------------------------------------------------------ tokens
+
+    def put_token(self, digest: bytes, site: str, created_ms: int, label: str) -> None:
+        self.write(lambda txn: txn.put(digest, packb([site, created_ms, label]), db=self._tokens))
+
+    def find_token(self, digest: bytes) -> list | None:
+        with self.read() as txn:
+            raw = txn.get(digest, db=self._tokens)
+        return unpackb(raw) if raw is not None else None
+
+    def list_tokens(self) -> list[tuple[bytes, list]]:
+        with self.read() as txn:
+            return [(k, unpackb(v)) for k, v in txn.cursor(db=self._tokens)]
+
+    def delete_tokens(self, digests: list[bytes]) -> int:
+        def apply(txn):
+            return sum(1 for d in digests if txn.delete(d, db=self._tokens))
+        return self.write(apply)
+
+    def count_tokens(self) -> int:
+        return self.store.entries("tokens")
+
+
+def log_path(data_dir: str) -> str:
+    return os.path.join(data_dir, "log")
