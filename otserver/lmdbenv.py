@@ -50,12 +50,13 @@ class Environment:
                        for name in names}
         else:
             self.env.reader_check()  # clear slots left by killed processes
-            with self.env.begin(write=True) as txn:
+            txn = self._begin(write=True)  # a sibling may have grown the map since we sized it
+            with txn:
                 self.db = {name: self.env.open_db(name.encode(), txn=txn, **options[name])
                            for name in names}
                 if txn.get(b"schema", db=self.db[META]) is None:
                     txn.put(b"schema", schema, db=self.db[META])
-        with self.env.begin() as txn:
+        with self._begin() as txn:
             found = txn.get(b"schema", db=self.db[META])
         if found is not None and found != schema:
             self.env.close()
@@ -66,6 +67,14 @@ class Environment:
 
     def close(self) -> None:
         self.env.close()
+
+    def _begin(self, write: bool = False):
+        """A transaction at open time (no other is open in this process yet)."""
+        while True:
+            try:
+                return self.env.begin(write=write)
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)
 
     # ------------------------------------------------------------------ map size
 
