@@ -111,6 +111,8 @@ class LiveHub:
             subs.discard(connection)
             if not subs:
                 del self._by_site[site]
+        if not self._by_site:
+            self.position = None  # the next subscriber starts at the log's tail of its time
 
     def heartbeat(self) -> None:
         for subs in list(self._by_site.values()):
