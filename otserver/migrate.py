@@ -24,7 +24,7 @@ import lmdb
 
 from .lmdbenv import SchemaError
 from .log import EventLog, log_path
-from .model import KIND_EVENT, packb, position_bytes, unpackb
+from .model import KIND_EVENT, eid_to_key, packb, position_bytes, unpackb
 from .views import Views, views_path
 
 log = logging.getLogger("otserver")
@@ -33,7 +33,7 @@ V1_NAMES = ("events", "sessions", "users", "session_chunks", "user_sessions", "s
             "user_pairs", "expiry", "site_events", "stats", "commit_log", "sites", "tokens",
             "meta")
 V1_DUPSORT = ("user_sessions", "session_users")
-R_TAIL = 9
+R_EID, R_TAIL = 5, 9
 BATCH = 20_000
 
 
@@ -194,8 +194,8 @@ def _convert_views(old, db, event_log, views, swept: dict) -> None:
             return b"".join(position(keys[i:i + 16]) for i in range(0, len(keys), 16))
 
         conversions = {
-            "sessions": lambda k, v: (k, _with_tail(v, positions)),
-            "users": lambda k, v: (k, v),
+            "sessions": lambda k, v: (k, _record(v, positions)),
+            "users": lambda k, v: (k, _record(v, positions)),
             "session_chunks": lambda k, v: (k, positions(v)),
             "user_sessions": lambda k, v: (k, position(v[:16]) + v[16:]),
             "session_users": lambda k, v: (k, v),
@@ -216,7 +216,9 @@ def _convert_views(old, db, event_log, views, swept: dict) -> None:
     views.write(lambda vtxn: views.set_watermark(vtxn, event_log.last_position()))
 
 
-def _with_tail(raw: bytes, positions) -> bytes:
+def _record(raw: bytes, positions) -> bytes:
+    """A session or user record: its last eid as 16 bytes, its tail's keys as positions."""
     record = unpackb(raw)
+    record[R_EID] = eid_to_key(record[R_EID])
     record[R_TAIL] = positions(record[R_TAIL])
     return packb(record)

@@ -195,6 +195,10 @@ class Event:
     def record(self) -> dict:
         return event_record(self.eid, self.ts, self.si, self.sid, self.uid, self.props)
 
+    @property
+    def utm(self) -> tuple:
+        return utm_names(self.props)
+
     def encode(self) -> bytes:
         """The event as a log entry (see LogEntry)."""
         return b"".join((self.ts.to_bytes(8, "big"), KIND_EVENT, self.key,
@@ -223,7 +227,7 @@ def entry_ts(value: bytes) -> int:
 class LogEntry:
     """One entry of the log, decoded: an event, or an erasure (sid, props, captured None)."""
 
-    __slots__ = ("position", "ts", "kind", "key", "si", "sid", "uid", "props", "captured")
+    __slots__ = ("position", "ts", "kind", "key", "si", "sid", "uid", "props", "captured", "utm")
 
     def __init__(self, position: int, value: bytes):
         self.position = position
@@ -233,9 +237,11 @@ class LogEntry:
         body = unpackb(value[ID_END:])
         if self.kind == KIND_EVENT:
             self.si, self.sid, self.uid, self.props, self.captured = body
+            self.utm = utm_names(self.props)
         else:
             self.si, self.uid = body
             self.sid = self.props = self.captured = None
+            self.utm = ()
 
     @property
     def eid(self) -> str:
@@ -303,7 +309,8 @@ def event_record(eid: str, ts: int, si: str, sid: str, uid: str, props: dict) ->
 # --------------------------------------------------------------------------- folds
 #
 # A session or user record is a list, stored as msgpack:
-#   [si, own id, first_ts, event_count, last_ts, last_eid, other id, props, captured, tail]
+#   [si, own id, first_ts, event_count, last_ts, last eid (its 16 bytes), other id, props,
+#    captured, tail]
 # where "own id" is the sid of a session (the uid of a user) and "other id" the last event's uid
 # (sid). props and captured are dicts folded event by event. A session's `tail` holds the log
 # positions of its latest events (event_count % SESSION_CHUNK of them, 8 bytes each); every full
@@ -324,18 +331,28 @@ def split_positions(raw: bytes) -> list[int]:
             for i in range(0, len(raw), POSITION_BYTES)]
 
 
+def utm_names(props: dict) -> tuple:
+    """The names starting with `utm_` (one C-speed search first: most events have none)."""
+    if "\0utm_" not in "\0" + "\0".join(props):
+        return ()
+    return tuple(name for name in props if name.startswith("utm_"))
+
+
 def fold(record: list | None, ev, own_id: str, other_id: str) -> list:
     """Fold one event (an Event or a LogEntry) into a session or user record (None: new)."""
     if record is None:
-        record = [ev.si, own_id, ev.ts, 0, ev.ts, ev.eid, other_id, {}, {}, b""]
+        record = [ev.si, own_id, ev.ts, 0, ev.ts, ev.key, other_id, {}, {}, b""]
     props = record[R_PROPS]
-    for name, value in ev.props.items():
-        if name.startswith("utm_") and name in props:
-            continue
-        props[name] = value
+    utm = ev.utm
+    if utm:  # utm_ names keep their first value
+        first = [(name, props[name]) for name in utm if name in props]
+        props.update(ev.props)
+        props.update(first)
+    else:
+        props.update(ev.props)
     record[R_COUNT] += 1
     record[R_LAST] = ev.ts
-    record[R_EID] = ev.eid
+    record[R_EID] = ev.key
     record[R_OTHER] = other_id
     if ev.captured:
         record[R_CAPTURED].update(ev.captured)
@@ -348,7 +365,8 @@ def folded_record(record: list, kind: str) -> dict:
         sid, uid = record[R_ID], record[R_OTHER]
     else:
         uid, sid = record[R_ID], record[R_OTHER]
-    return event_record(record[R_EID], record[R_LAST], record[R_SI], sid, uid, record[R_PROPS])
+    return event_record(key_to_eid(record[R_EID]), record[R_LAST], record[R_SI], sid, uid,
+                        record[R_PROPS])
 
 
 # --------------------------------------------------------------------------- keys
