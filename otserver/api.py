@@ -299,6 +299,7 @@ class Api:
                         done(_json(404, {"error": "no such user"}))
                     else:
                         done(_json(200, {"erased": result}))
+                self.watch.want(position)
                 self.watch.wait_for(lambda: self.log.erasure_result(position)[0], finished)
 
             if not self.writer.submit([encode_erasure(key, ts, si, uid)], logged, None):

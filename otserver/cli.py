@@ -45,10 +45,13 @@ FIELD_HELP = {
     "trusted_proxies": "comma-separated addresses or CIDRs whose X-Forwarded-For is believed",
     "initial_store_bytes": "map size the store starts with; it doubles as needed",
     "max_store_bytes": "cap of the store; past it ingest answers 503",
+    "min_free_disk_bytes": "ingest answers 503 while the data directory's disk has less free "
+                           "(a reserve, so the views can always fold what the log holds)",
     "max_pending_events": "events waiting for a commit before ingest answers 503",
     "retry_after_s": "Retry-After seconds sent with 503",
     "writer_stall_s": "/readyz answers 503 when a commit (or the folder) makes no progress this long",
     "fold_batch_events": "most log entries the folder applies in one views transaction",
+    "fold_delay_s": "how long entries may gather before a fold when no read waits for them",
     "max_view_lag": "log entries not yet folded past which ingest answers 503",
     "max_read_wait_s": "how long a read waits for the views to reach its position (then 503)",
     "tls_cert": "PEM certificate (chain) file: serve HTTPS",
@@ -99,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fold until the views reach the log's last position, then exit")
     fold.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)
     _add_config_flags(fold, dataclasses.fields(Config))
+    writer = sub.add_parser("writer", help="(started by serve: the process that appends to "
+                            "the log for one server process)")
+    writer.add_argument("--fd", type=int, required=True, help=argparse.SUPPRESS)
+    _add_config_flags(writer, [f for f in dataclasses.fields(Config) if f.name in (
+        "data_dir", "max_store_bytes", "initial_store_bytes", "min_free_disk_bytes")])
     rebuild = sub.add_parser("rebuild-views", help="empty the views and fold the whole log "
                              "again (the server must be stopped)")
     _add_config_flags(rebuild, dataclasses.fields(Config))
@@ -154,6 +162,15 @@ def run(args: argparse.Namespace, config: Config) -> int:
     if args.command == "serve":
         from .server import run as run_server
         return run_server(config, config.workers)
+    if args.command == "writer":
+        from .log import EventLog, log_path
+        from .writer import run_writer
+        event_log = EventLog(log_path(config.data_dir), initial_bytes=config.initial_store_bytes,
+                             max_bytes=config.max_store_bytes)
+        try:
+            return run_writer(event_log, args.fd, config.min_free_disk_bytes)
+        finally:
+            event_log.close()
     from .store import open_store
     store = open_store(config)
     try:

@@ -102,12 +102,14 @@ class Config:
     # storage and group commit (SPEC 2.5, 3)
     initial_store_bytes: int = 64 * MIB
     max_store_bytes: int = 64 * GIB
+    min_free_disk_bytes: int = 64 * MIB
     max_pending_events: int = 50_000
     retry_after_s: int = 1
     writer_stall_s: float = 10.0
 
     # the views and the folder (SPEC 2.5)
     fold_batch_events: int = 5_000
+    fold_delay_s: float = 0.05
     max_view_lag: int = 100_000
     max_read_wait_s: float = 2.0
     ttl_s: float = 60 * 86400.0

@@ -12,6 +12,12 @@ Three parts:
   waits (a read waits until the views reach the log position committed when it arrived) and
   whether a folder is running (`/readyz`).
 
+When to fold: a batch rewrites (and syncs) the page of every record it touches, so many small
+batches cost far more CPU and disk per event than fewer larger ones. With no read waiting, the
+folder lets entries gather until the oldest is `--fold-delay` old (or a full batch is there);
+a read that waits writes the position it wants into `<data dir>/views.wanted`, which the folder
+reads at every poll, and then it folds at once.
+
 Invariants:
 - An erasure finishes in three steps: the fold transaction that erases the user from the views
   also records the log positions to purge (views meta `purge`); then one log transaction
@@ -32,6 +38,7 @@ import sys
 import time
 from collections import deque
 
+from .errors import StoreFailed, StoreFull
 from .metrics import Histogram, LAG_SECONDS_BUCKETS, FOLD_SIZE_BUCKETS, write_snapshot
 from .model import LogEntry, entry_ts, now_ms
 from .sweeper import Sweeper
@@ -39,7 +46,28 @@ from .sweeper import Sweeper
 log = logging.getLogger("otserver")
 POLL_S = 0.001  # an idle folder looks at the log tail this often
 LOCK_NAME = "folder.lock"
+WANTED_NAME = "views.wanted"  # position(8): the furthest a waiting read wants the views
 SNAPSHOT_NAME = "folder.json"
+
+
+class Wanted:
+    """`<data dir>/views.wanted`: an 8-byte position that readers raise and the folder reads.
+    (Every worker writes its own wants; the file only has to say "someone waits up to here".)"""
+
+    def __init__(self, data_dir: str):
+        os.makedirs(data_dir, exist_ok=True)
+        self.fd = os.open(os.path.join(data_dir, WANTED_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+
+    def read(self) -> int:
+        raw = os.pread(self.fd, 8, 0)
+        return int.from_bytes(raw, "big") if len(raw) == 8 else 0
+
+    def want(self, position: int) -> None:
+        if position > self.read():
+            os.pwrite(self.fd, position.to_bytes(8, "big"), 0)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 # --------------------------------------------------------------------------- the lock
@@ -86,6 +114,7 @@ class Folder:
         self.views = views
         self.config = config
         self.batch_limit = config.fold_batch_events
+        self.delay_ms = config.fold_delay_s * 1000
         self.sweeper = Sweeper(event_log, views, config, clock=clock) if sweeper else None
         self.watermark = views.watermark()
         self.folded = 0
@@ -95,6 +124,19 @@ class Folder:
         self.lag_seconds = Histogram(LAG_SECONDS_BUCKETS)
         self.erasures = 0
         self._stop = False
+
+    def due(self, wanted: int) -> bool:
+        """Whether to fold now: a read waits for what is logged, a full batch is there, or the
+        oldest entry not yet folded has waited --fold-delay."""
+        with self.log.read() as txn:
+            tail = self.log.tail(txn)
+            if tail <= self.watermark:
+                return False
+            if wanted > self.watermark or tail - self.watermark >= self.batch_limit:
+                return True
+            for _, raw in self.log.scan(txn, self.watermark + 1):
+                return now_ms() - entry_ts(raw) >= self.delay_ms
+        return True  # entries past the watermark were deleted: fold to move past them
 
     def fold_once(self) -> int:
         """Fold what the log holds past the watermark (at most one batch). -> entries folded."""
@@ -164,9 +206,27 @@ class Folder:
     def run(self, parent: int | None = None, snapshot_dir: str | None = None) -> None:
         """Fold and sweep until stopped (or the parent process is gone)."""
         self.purge_pending()
+        wanted = Wanted(self.config.data_dir)
         next_check = 0.0
+        failing_since = None
         while not self._stop:
-            folded = self.fold_once()
+            try:
+                folded = self.fold_once() if self.due(wanted.read()) else 0
+            except (StoreFull, StoreFailed) as exc:  # a full disk or map: retry, smaller
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.error("folder: cannot write the views (%s); retrying", exc)
+                # A smaller batch needs fewer new pages at once: at the size cap it may fit
+                # where the whole backlog does not (and the sweeper frees room between them).
+                self.batch_limit = max(1, self.batch_limit // 2)
+                time.sleep(0.2)
+                continue
+            if folded and self.batch_limit < self.config.fold_batch_events:
+                self.batch_limit = min(self.config.fold_batch_events, self.batch_limit * 2)
+            if failing_since is not None and folded:
+                log.info("folder: writing the views again after %.1f s",
+                         time.monotonic() - failing_since)
+                failing_since = None
             if self.sweeper is not None and self.sweeper.due():
                 try:
                     self.sweeper.step(busy=folded > 0)
@@ -183,6 +243,7 @@ class Folder:
                     write_snapshot(snapshot_dir, self.snapshot(), SNAPSHOT_NAME)
             if not folded:
                 time.sleep(POLL_S)
+        wanted.close()
         # A clean stop leaves the views caught up, within a bound.
         self.catch_up(deadline=time.monotonic() + 5.0)
         if snapshot_dir is not None:
@@ -349,6 +410,7 @@ class ViewWatch:
         self._moved = time.monotonic()  # when the watermark last moved
         self._waiters: deque = deque()  # [ready(), deadline, callback(ok)]
         self._handle = None
+        self._wanted = Wanted(config.data_dir)
         self.refresh()
 
     def refresh(self) -> None:
@@ -404,7 +466,12 @@ class ViewWatch:
         if self.watermark >= target:
             callback(True)
             return
+        self.want(target)  # the folder folds at once instead of gathering a batch
         self.wait_for(lambda: self.watermark >= target, callback, deadline_s)
+
+    def want(self, position: int) -> None:
+        """Ask the folder to fold up to `position` now."""
+        self._wanted.want(position)
 
     def wait_for(self, ready, callback, deadline_s: float | None = None) -> None:
         """callback(True) once ready() holds (checked every millisecond, after a refresh)."""
@@ -436,6 +503,7 @@ class ViewWatch:
         for _, _, callback in self._waiters:
             callback(False)
         self._waiters.clear()
+        self._wanted.close()
 
 
 def read_folder_snapshot(metrics_dir: str) -> dict | None:

@@ -69,7 +69,7 @@ class Server:
         self.connections: set = set()
         self.metrics = Metrics()
         self.watch = ViewWatch(store.log, store.views, loop, config)
-        self.writer = Writer(store.log, loop, max_pending=config.max_pending_events,
+        self.writer = Writer(config, loop, max_pending=config.max_pending_events,
                              on_commit=self._committed)
         self.pool = ReadPool(loop)
         self.api = Api(store.log, store.views, config, watch=self.watch, pool=self.pool,
@@ -103,7 +103,7 @@ class Server:
     def writer_problem(self) -> str | None:
         """Why the log cannot take appends now, or None (what the watchdog pings follow)."""
         if not self.writer.alive():
-            return "the writer thread has stopped"
+            return "the log writer process is not running"
         stalled = self.writer.stalled_for()
         if stalled > self.config.writer_stall_s:
             return f"no commit has finished for {stalled:.0f} s"
@@ -180,6 +180,7 @@ async def serve(config, *, workers: int = 1, notifier=None, folder=None) -> int:
     notifier = notifier or Notifier.from_env()
     store = open_store(config)
     server = Server(config, store, loop, workers=workers, folder=folder)
+    await server.writer.start()
     tls = tls_context(config)
     listener = await loop.create_server(
         lambda: HttpProtocol(server), config.host, config.port, ssl=tls,
@@ -211,7 +212,7 @@ async def serve(config, *, workers: int = 1, notifier=None, folder=None) -> int:
             await asyncio.sleep(0.05)
         server.watch.stop()
         server.stop_clock()
-        server.writer.close()
+        await server.writer.close()
         server.pool.close()
         store.close()
         log.info("otserver stopped: %d events stored in %d commits",

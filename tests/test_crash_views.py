@@ -126,11 +126,13 @@ def _children(pid: int) -> list[int]:
 
 def _wait_settled(server, starts: int, timeout: float = 15.0) -> int:
     """Until the server's own folder is the one folding: the previous server's orphaned
-    folder has left, and this one took the lock (its `starts`-th "folding" line). -> its pid."""
+    folder (and log writer) have left, and this one took the lock (its `starts`-th "folding"
+    line). -> its pid."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         folder = _folder_of(server.proc.pid, server.data_dir)
-        if folder is not None and set(_processes_on(server.data_dir)) == {server.proc.pid, folder} \
+        ours = {server.proc.pid, *_children(server.proc.pid)}  # its folder and its writer
+        if folder is not None and set(_processes_on(server.data_dir)) <= ours \
                 and server.log().count("folder: folding ") >= starts:
             return folder
         time.sleep(0.02)

@@ -22,7 +22,7 @@ from urllib.parse import quote, urlencode
 import lmdb
 import pytest
 from conftest import parse_responses, read_response
-from storecheck import check_consistent, wait_caught_up
+from storecheck import check_consistent, log_events, wait_caught_up
 
 SITE = "faults"
 _WORKER_STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
@@ -270,15 +270,20 @@ def small_fs(tmp_path):
             subprocess.run(["umount", "-l", str(mount_dir)], capture_output=True, timeout=30)
 
 
+@pytest.mark.parametrize("reserve", ["512KiB", "0"], ids=["the views' reserve", "no reserve"])
 def test_a_full_disk_refuses_with_503_stores_nothing_partial_and_recovers_by_itself(
-        small_fs, make_server):  # small_fs first: unmounted after the server is gone
-    # Simulated: the filesystem under the data directory is full (write(2) fails with ENOSPC
-    # while LMDB flushes a commit's new pages), with the map cap (64 MiB) far above what the
-    # disk holds, so this is the disk-full path of Store.write, not MapFullError at the cap.
+        small_fs, make_server, reserve):  # small_fs first: unmounted after the server is gone
+    # The filesystem under the data directory fills up, with the map cap (64 MiB) far above
+    # what the disk holds, so this is the disk-full path, not MapFullError at the cap. With a
+    # reserve (--min-free-disk-bytes), the writer refuses once less than it is free, and the
+    # folder has room to fold everything acknowledged. With none, write(2) really fails with
+    # ENOSPC while LMDB flushes a commit's pages (the views may then fall behind the log until
+    # there is room again: reads wait, and catch up by themselves).
     ballast = small_fs / "ballast"
     ballast.write_bytes(b"\0" * (2 << 20))  # 2 MiB of the 4: deleted later to make room
     server = make_server("--initial-store-bytes", "1MiB", "--max-store-bytes", "64MiB",
-                         "--retry-after", "2", data_dir=small_fs / "otdata")
+                         "--retry-after", "2", "--min-free-disk-bytes", reserve,
+                         data_dir=small_fs / "otdata")
     token = server.create_token(SITE)  # a write too: done while there is room
     pid = server.proc.pid
 
@@ -308,14 +313,18 @@ def test_a_full_disk_refuses_with_503_stores_nothing_partial_and_recovers_by_its
     # No crash, reads keep working, nothing partial stored.
     assert server.proc.poll() is None and server.proc.pid == pid
     assert server.get("/healthz").status == 200
-    events = _check_consistent(server.data_dir)
-    assert set(events) == set(acked)
-    assert not [e for e in events.values() if e.sid == "refused"]
+    logged = {entry.eid: entry for entry in log_events(server.data_dir)}
+    assert set(logged) == set(acked)
+    assert not [e for e in logged.values() if e.sid == "refused"]
     for eid in (acked[0], acked[len(acked) // 2], acked[-1]):
         assert server.api(f"/api/v1/events/{eid}?si={SITE}", token).status == 200
-    session = server.api(f"/api/v1/sessions/s0?si={SITE}&limit=1", token)
-    assert session.status == 200
-    assert session.json()["event_count"] == len([i for i in range(len(acked)) if i % 50 == 0])
+    if reserve != "0":  # the reserve kept room for the views: they hold every acknowledged event
+        assert "--min-free-disk-bytes" in refused.text
+        events = _check_consistent(server.data_dir)
+        assert set(events) == set(acked)
+        session = server.api(f"/api/v1/sessions/s0?si={SITE}&limit=1", token)
+        assert session.status == 200
+        assert session.json()["event_count"] == len([i for i in range(len(acked)) if i % 50 == 0])
 
     # Room comes back: ingest resumes by itself, same process, no restart.
     ballast.unlink()
@@ -483,3 +492,50 @@ def _read_answers(sock, count: int, timeout: float) -> bytes:
             break
         data += chunk
     return data
+
+
+# ---------------------------------------------------------------------- 5. the log writer process
+
+def _writer_of(server) -> int | None:
+    """The log-writer child of a server process (`otserver writer --fd N`)."""
+    pid = server.proc.pid
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        for child in Path(task, "children").read_text().split():
+            args = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            if b"otserver" in args and b"writer" in args:
+                return int(child)
+    return None
+
+
+def test_a_killed_log_writer_is_replaced_and_loses_nothing_acknowledged(make_server):
+    server = make_server()
+    stop = threading.Event()
+    clients = [Client(server.port, f"w{i}", stop, time.monotonic() + 30) for i in range(4)]
+    for client in clients:
+        client.start()
+    killed = []
+    try:
+        for _ in range(3):
+            time.sleep(0.5)  # mid-load
+            victim = _writer_of(server)
+            assert victim is not None, server.log()[-2000:]
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and _writer_of(server) in (None, victim):
+                time.sleep(0.02)
+            assert _writer_of(server) not in (None, victim), "no new log writer"
+            during = sum(len(c.acked) for c in clients)
+            time.sleep(0.5)
+            assert sum(len(c.acked) for c in clients) > during + 20, "ingest did not resume"
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(15)
+    assert server.log().count("the log writer process exited") == 3
+    assert server.get("/readyz").status == 200
+    acked = {key: eid for c in clients for key, eid in c.acked.items()}
+    events = _check_consistent(server.data_dir)
+    lost = [eid for eid in acked.values() if eid not in events]
+    assert not lost, f"{len(lost)} acknowledged events lost"
+    assert server.stop() == 0
