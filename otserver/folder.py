@@ -44,7 +44,8 @@ from .model import LogEntry, entry_ts, now_ms
 from .sweeper import Sweeper
 
 log = logging.getLogger("otserver")
-POLL_S = 0.001  # an idle folder looks at the log tail this often
+POLL_S = 0.001  # the folder looks at the log tail (and views.wanted) this often
+IDLE_POLL_S = 0.005  # ... and this often after a second with nothing to fold
 LOCK_NAME = "folder.lock"
 WANTED_NAME = "views.wanted"  # position(8): the furthest a waiting read wants the views
 SNAPSHOT_NAME = "folder.json"
@@ -209,7 +210,16 @@ class Folder:
         wanted = Wanted(self.config.data_dir)
         next_check = 0.0
         failing_since = None
+        idle = 0  # polls in a row with nothing to do: an idle folder looks less often
         while not self._stop:
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + 1.0
+                if parent is not None and os.getppid() != parent:
+                    log.warning("folder: the server process is gone; stopping")
+                    break
+                if snapshot_dir is not None:
+                    write_snapshot(snapshot_dir, self.snapshot(), SNAPSHOT_NAME)
             try:
                 folded = self.fold_once() if self.due(wanted.read()) else 0
             except (StoreFull, StoreFailed) as exc:  # a full disk or map: retry, smaller
@@ -221,31 +231,28 @@ class Folder:
                 self.batch_limit = max(1, self.batch_limit // 2)
                 time.sleep(0.2)
                 continue
-            if folded and self.batch_limit < self.config.fold_batch_events:
-                self.batch_limit = min(self.config.fold_batch_events, self.batch_limit * 2)
-            if failing_since is not None and folded:
-                log.info("folder: writing the views again after %.1f s",
-                         time.monotonic() - failing_since)
-                failing_since = None
+            if folded:
+                idle = 0
+                if self.batch_limit < self.config.fold_batch_events:
+                    self.batch_limit = min(self.config.fold_batch_events, self.batch_limit * 2)
+                if failing_since is not None:
+                    log.info("folder: writing the views again after %.1f s",
+                             time.monotonic() - failing_since)
+                    failing_since = None
             if self.sweeper is not None and self.sweeper.due():
                 try:
                     self.sweeper.step(busy=folded > 0)
                 except Exception as exc:  # a failed step is retried at the next pass
                     log.error("sweeper step failed: %s", exc)
                     self.sweeper.next_at = time.monotonic() + self.config.sweep_interval_s
-            now = time.monotonic()
-            if now >= next_check:
-                next_check = now + 1.0
-                if parent is not None and os.getppid() != parent:
-                    log.warning("folder: the server process is gone; stopping")
-                    break
-                if snapshot_dir is not None:
-                    write_snapshot(snapshot_dir, self.snapshot(), SNAPSHOT_NAME)
             if not folded:
-                time.sleep(POLL_S)
+                idle += 1
+                time.sleep(POLL_S if idle < 1000 else IDLE_POLL_S)
         wanted.close()
-        # A clean stop leaves the views caught up, within a bound.
-        self.catch_up(deadline=time.monotonic() + 5.0)
+        try:  # a clean stop leaves the views caught up, within a bound
+            self.catch_up(deadline=time.monotonic() + 5.0)
+        except (StoreFull, StoreFailed) as exc:
+            log.error("folder: stopping behind the log: %s", exc)
         if snapshot_dir is not None:
             write_snapshot(snapshot_dir, self.snapshot(), SNAPSHOT_NAME)
 

@@ -539,3 +539,34 @@ def test_a_killed_log_writer_is_replaced_and_loses_nothing_acknowledged(make_ser
     lost = [eid for eid in acked.values() if eid not in events]
     assert not lost, f"{len(lost)} acknowledged events lost"
     assert server.stop() == 0
+
+
+def test_a_folder_that_cannot_write_the_views_still_leaves_when_its_parent_does(tmp_path):
+    """A folder retrying a full views store once looped past its parent check: killed
+    servers left folders behind, each polling forever."""
+    from otserver.config import Config
+    from otserver.errors import StoreFull
+    from otserver.folder import Folder
+    from otserver.model import EidGenerator, make_event, now_ms
+    from otserver.store import Store
+
+    config = Config().replace(data_dir=str(tmp_path / "d"), fold_delay_s=0.0)  # due at once
+    store = Store(config.data_dir)
+    try:
+        store.log.append([make_event({"si": SITE}, None, EidGenerator(), now_ms(), config).encode()])
+
+        def full(apply, *args):
+            raise StoreFull("store is at its size cap")
+        store.views.write = full  # every fold fails, as at the cap with no room at all
+        folder = Folder(store.log, store.views, config, sweeper=False)
+        # a parent that is not ours: as if it were gone
+        runner = threading.Thread(target=folder.run, kwargs={"parent": os.getppid() + 1_000_000})
+        runner.start()
+        runner.join(5)
+        left = not runner.is_alive()
+        folder.stop()
+        runner.join(10)
+        assert left, "the folder kept retrying with its parent gone"
+        assert folder.watermark == 0
+    finally:
+        store.close()
