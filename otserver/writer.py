@@ -51,6 +51,7 @@ log = logging.getLogger("otserver")
 BATCH_HEAD = struct.Struct("=II")
 ANSWER = struct.Struct("=BQIdI")
 STORED, FULL, FAILED = 0, 1, 2
+IN_FLIGHT = 2  # batches sent and not yet answered, at most
 
 
 class Writer:
@@ -136,9 +137,12 @@ class Writer:
         return True
 
     def _dispatch(self) -> None:
-        """Send this turn's batch (at the end of the turn: everything submitted in it)."""
+        """Send what was submitted (at the end of a turn of the loop), unless two batches
+        wait for answers already: one is being committed and one waits for the next commit,
+        and a third would only cost a write and a wake-up of the writer (it would join the
+        second in the same commit); it is sent when the first is answered."""
         self._scheduled = False
-        if not self._waiting or self._transport is None:
+        if not self._waiting or self._transport is None or len(self._in_flight) >= IN_FLIGHT:
             return
         batch, self._waiting = self._waiting, []
         values = [value for group, _, _ in batch for value in group]
@@ -164,7 +168,9 @@ class Writer:
                 self.on_commit(count, seconds, lock_seconds, first + count - 1)
         else:
             self._answer(batch, (StoreFull if status == FULL else StoreFailed)(message), 0)
-        if not self._in_flight and not self._waiting:
+        if self._waiting:
+            self._dispatch()
+        elif not self._in_flight:
             self._wake_idle()
 
     def _answer(self, batch: list, error, first: int) -> None:
