@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from codecs import escape_decode
 from hashlib import blake2b
 
 import msgpack
@@ -39,28 +40,24 @@ def _show(raw: bytes, limit: int = 40) -> str:
     return text + ("..." if len(raw) > limit else "")
 
 
-_HEX_BYTE = {f"{a}{b}".encode(): bytes([int(a + b, 16)])
-             for a in "0123456789abcdefABCDEF" for b in "0123456789abcdefABCDEF"}
-
-
 def _unquote(raw: bytes, name: bytes | None = None) -> bytes:
     """Percent- and plus-decode a name (name=None) or the value of property `name`.
-    A '%' not followed by two hex digits is refused."""
+    A '%' not followed by two hex digits is refused.
+
+    The decoding is C's: with its backslashes doubled and each '%' turned into '\\x', the
+    text is exactly what codecs.escape_decode reads back to the bytes meant, and what it
+    cannot read is what a '%' with no two hex digits after it makes. (2.5 µs instead of 4.2
+    for the loop over pieces it replaced, on five of the bench's values.)"""
     if b"+" in raw:
         raw = raw.replace(b"+", b" ")
     if b"%" not in raw:
         return raw
-    pieces = raw.split(b"%")
-    out = [pieces[0]]
-    hex_byte = _HEX_BYTE
+    escaped = raw.replace(b"\\", b"\\\\") if b"\\" in raw else raw
     try:
-        for piece in pieces[1:]:
-            out.append(hex_byte[piece[:2]])
-            out.append(piece[2:])
-    except KeyError:
+        return escape_decode(escaped.replace(b"%", b"\\x"))[0]
+    except ValueError:
         what = f"property name '{_show(raw)}'" if name is None else f"property {_show(name)}"
         raise BadRequest(f"bad percent-encoding in {what}") from None
-    return b"".join(out)
 
 
 _valid_names: dict[bytes, str] = {}  # decoded name bytes -> str, for names seen valid
