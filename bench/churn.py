@@ -4,9 +4,10 @@
 
 Runs in one process on a temporary store with an injected clock (one cycle = one TTL), so 20
 TTL cycles take a minute instead of 1,200 days. Each cycle ingests `--events` events over fresh
-sessions and returning users, then sweeps what the TTL expired. Printed per cycle: events held,
-the file's size, and the pages in use (LMDB's high-water mark). Under steady churn the sizes
-level off: pages freed by the sweeper are reused.
+sessions and returning users (appended to the log and folded into the views), then sweeps what
+the TTL expired. Printed per cycle: events held, the two files' sizes, and the pages in use
+(LMDB's high-water mark). Under steady churn the sizes level off: pages freed by the sweeper
+are reused.
 """
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from otserver.config import Config  # noqa: E402
+from otserver.folder import Folder  # noqa: E402
 from otserver.model import EidGenerator, make_event  # noqa: E402
 from otserver.store import Store  # noqa: E402
+from otserver.sweeper import sweep_step  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,8 +40,8 @@ def main(argv=None) -> int:
     gen = EidGenerator()
     with tempfile.TemporaryDirectory(prefix="otchurn-") as tmp:
         store = Store(os.path.join(tmp, "store"))
-        page = store.env.stat()["psize"]
-        print(f"{'cycle':>5} {'events held':>12} {'file MiB':>9} {'in use MiB':>11} {'swept':>8}")
+        folder = Folder(store.log, store.views, config, sweeper=False)
+        print(f"{'cycle':>5} {'events held':>12} {'files MiB':>10} {'in use MiB':>11} {'swept':>8}")
         for cycle in range(args.cycles):
             now = start + cycle * ttl_ms
             for first in range(0, args.events, 1000):
@@ -50,17 +53,19 @@ def main(argv=None) -> int:
                              "title": "Example Shop", "ev": "pageview"}
                     batch.append(make_event(props, {"ip": "127.0.0.0"}, gen,
                                             now + i * (ttl_ms // args.events), config))
-                store.write_batch(batch)
+                store.log.append([event.encode() for event in batch])
+                folder.catch_up()
             swept = 0
             while True:
-                step = store.sweep_step(now + ttl_ms - 1, ttl_ms, 5000)
+                step = sweep_step(store.log, store.views, now + ttl_ms - 1, ttl_ms, 5000)
                 swept += step["events"]
                 if not step["more"]:
                     break
-            size = os.path.getsize(os.path.join(tmp, "store", "data.mdb"))
-            used = (store.env.info()["last_pgno"] + 1) * page
+            envs = (store.log.store, store.views.store)
+            size = sum(env.file_bytes() for env in envs)
+            used = sum(env.used_bytes() for env in envs)
             held = store.counts()["events"]
-            print(f"{cycle:>5} {held:>12,} {size / 2**20:>9.1f} {used / 2**20:>11.1f} {swept:>8,}",
+            print(f"{cycle:>5} {held:>12,} {size / 2**20:>10.1f} {used / 2**20:>11.1f} {swept:>8,}",
                   flush=True)
         store.close()
     return 0

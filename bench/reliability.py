@@ -174,7 +174,7 @@ def hostile(port: int, until: float, answers: dict) -> int:
 def stored_eids(data_dir: str) -> set[str]:
     store = Store(data_dir, readonly=True)
     try:
-        return set(store.event_keys())
+        return set(store.event_ids())
     finally:
         store.close()
 
@@ -198,7 +198,8 @@ def soak(data_dir: str, log: str, seconds: float, rate: float, clients: int) -> 
     while time.monotonic() < until:
         time.sleep(min(5.0, max(0.0, until - time.monotonic())))
         samples.append({"t": round(time.monotonic() - started), **server.memory_mb(),
-                        "file_mb": round(os.path.getsize(os.path.join(data_dir, "data.mdb")) / 2**20, 1),
+                        "file_mb": round(sum(os.path.getsize(os.path.join(data_dir, env, "data.mdb"))
+                                             for env in ("log", "views")) / 2**20, 1),
                         "acked": len(acked)})
         x = samples[-1]
         print(f"  soak t={x['t']}s acked={len(acked)} rss={x['rss_mb']} MB "

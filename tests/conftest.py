@@ -238,6 +238,47 @@ def parse_responses(data: bytes) -> list[Response]:
     return out
 
 
+class SseReader:
+    """A raw-socket Server-Sent Events client of /api/v1/live: the request is sent and the
+    answer's head read at once (status, headers); then frames are read as they come."""
+
+    def __init__(self, server, si: str, token: str | None, *, last_id: str | None = None,
+                 rcvbuf: int | None = None, timeout: float = 5.0):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(timeout)
+        sock.connect(("127.0.0.1", server.port))
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        resume = f"Last-Event-ID: {last_id}\r\n" if last_id is not None else ""
+        sock.sendall(f"GET /api/v1/live?si={quote(si, safe='')} HTTP/1.1\r\nHost: t\r\n"
+                     f"{auth}{resume}\r\n".encode())
+        self.sock = sock
+        self.buf = b""
+        self.status, self.headers = parse_head(self._until(b"\r\n\r\n", timeout))
+
+    def _until(self, sep: bytes, timeout: float) -> bytes:
+        deadline = time.monotonic() + timeout
+        while sep not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {sep!r} in time; have {self.buf[:300]!r}")
+            self.sock.settimeout(left)
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"stream closed; have {self.buf[:300]!r}")
+            self.buf += chunk
+        part, _, self.buf = self.buf.partition(sep)
+        return part
+
+    def frame(self, timeout: float = 5.0) -> list[str]:
+        """The lines of the next frame (comments included)."""
+        return self._until(b"\n\n", timeout).decode().split("\n")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def assert_json_error(resp, status: int) -> str:
     """A read-API refusal: the status, a JSON {"error": "..."} body, no CORS header."""
     assert resp.status == status, resp

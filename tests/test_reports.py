@@ -16,7 +16,7 @@ from datetime import datetime, timedelta, timezone
 from urllib.parse import quote, urlencode
 
 import pytest
-from conftest import assert_json_error
+from conftest import SseReader, assert_json_error
 
 UUID7_VERSION = 0x7000
 
@@ -565,44 +565,13 @@ def test_stats_auth(shared_server):
 
 # --------------------------------------------------------------------------- 3. live (SSE)
 
-class Live:
-    """A raw-socket SSE subscriber: the request is sent and the response head read at once."""
+class Live(SseReader):
+    """A live subscriber whose events' ids are checked to rise (one log order)."""
 
     def __init__(self, server, si: str, token: str | None, rcvbuf: int | None = None,
                  timeout: float = 5.0):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.settimeout(timeout)
-        sock.connect(("127.0.0.1", server.port))
-        auth = f"Authorization: Bearer {token}\r\n" if token else ""
-        sock.sendall(f"GET /api/v1/live?si={q(si)} HTTP/1.1\r\nHost: t\r\n{auth}\r\n".encode())
-        self.sock = sock
-        self.buf = b""
+        super().__init__(server, si, token, rcvbuf=rcvbuf, timeout=timeout)
         self.last_id = 0
-        head = self._until(b"\r\n\r\n", timeout).decode("latin-1").split("\r\n")
-        self.status = int(head[0].split()[1])
-        self.headers = {}
-        for line in head[1:]:
-            name, _, value = line.partition(":")
-            self.headers[name.strip().lower()] = value.strip()
-
-    def _until(self, sep: bytes, timeout: float) -> bytes:
-        deadline = time.monotonic() + timeout
-        while sep not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no {sep!r} in time; have {self.buf[:200]!r}")
-            self.sock.settimeout(left)
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"stream closed; have {self.buf[:200]!r}")
-            self.buf += chunk
-        part, _, self.buf = self.buf.partition(sep)
-        return part
-
-    def frame(self, timeout: float = 5.0) -> list[str]:
-        return self._until(b"\n\n", timeout).decode().split("\n")
 
     def event(self, timeout: float = 5.0) -> tuple[str, dict]:
         """The next event frame (comments skipped) -> (its eid, data). Its `id:` is the log
@@ -618,9 +587,6 @@ class Live:
             self.last_id = int(fields["id"])
             data = json.loads(fields["data"])
             return data["event"]["eid"], data
-
-    def close(self):
-        self.sock.close()
 
 
 def test_live_stream_carries_committed_events_of_its_site_only(server):

@@ -15,7 +15,6 @@ import os
 import re
 import select
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
-from conftest import Response, assert_json_error, parse_head
+from conftest import Response, SseReader, assert_json_error
 from storecheck import log_events
 
 # --------------------------------------------------------------------------- helpers
@@ -196,34 +195,14 @@ def caught_up(server, token, si: str) -> None:
 # but neither the replay path nor its cap is exercised). Resuming tests wait this long first.
 HUB_FORGETS_S = 0.1
 
-class Stream:
-    """A raw-socket SSE subscriber to /api/v1/live (optionally resumed with Last-Event-ID)."""
+class Stream(SseReader):
+    """A live subscriber (optionally resumed with Last-Event-ID) that must be let in."""
 
     def __init__(self, server, si: str, token: str, last_id: str | None = None,
                  timeout: float = 5.0):
-        self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
-        resume = f"Last-Event-ID: {last_id}\r\n" if last_id is not None else ""
-        self.sock.sendall(f"GET /api/v1/live?si={q(si)} HTTP/1.1\r\nHost: t\r\n"
-                          f"Authorization: Bearer {token}\r\n{resume}\r\n".encode())
-        self.buf = b""
-        head = self._until(b"\r\n\r\n", timeout)
-        self.status, self.headers = parse_head(head)
+        super().__init__(server, si, token, last_id=last_id, timeout=timeout)
         assert self.status == 200, (self.status, self.buf[:300])
         assert self.headers["content-type"].startswith("text/event-stream"), self.headers
-
-    def _until(self, sep: bytes, timeout: float) -> bytes:
-        deadline = time.monotonic() + timeout
-        while sep not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no {sep!r} in time; have {self.buf[:300]!r}")
-            self.sock.settimeout(left)
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"stream closed; have {self.buf[:300]!r}")
-            self.buf += chunk
-        part, _, self.buf = self.buf.partition(sep)
-        return part
 
     def message(self, timeout: float = 5.0) -> dict:
         """The next message that is not only comments -> its fields (data parsed as JSON)."""
@@ -260,9 +239,6 @@ class Stream:
                 break
             self.buf += chunk
         assert b"data:" not in self.buf and b"event:" not in self.buf, self.buf[:300]
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 # --------------------------------------------------------------------------- the folder process
