@@ -139,8 +139,10 @@ def test_two_workers_serve_one_port_replace_a_killed_worker_and_add_up_metrics(m
     while time.monotonic() < deadline and "replacing it" not in server.log():
         time.sleep(0.1)
     assert f"(pid {pids[0]}) exited with -9; replacing it" in server.log()
-    new = [int(p) for p in re.findall(r"worker \d started \(pid (\d+)\)", server.log())]
-    assert len(new) == 3
+    started = r"worker \d started \(pid (\d+)\)"
+    while time.monotonic() < deadline and len(re.findall(started, server.log())) < 3:
+        time.sleep(0.1)  # the replacement logs its start just after the line above
+    assert len(re.findall(started, server.log())) == 3
     for i in range(20):
         assert server.track(si="w", sid=f"again{i}").status == 200
     assert server.counts()["events"] == 60
