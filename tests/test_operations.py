@@ -201,6 +201,11 @@ def test_metrics_readyz_and_refusal_counts(server):
     assert re.search(r'^otserver_store_file_bytes\{env="log"\} [1-9]', text, re.M)
     assert re.search(r'^otserver_store_file_bytes\{env="views"\} [1-9]', text, re.M)
     assert "otserver_folder_up 1" in text
+    assert re.search(r"^otserver_view_lag_events [01]$", text, re.M), text
+    deadline = time.monotonic() + 5  # the folder gathers for up to --fold-delay, then folds
+    while "otserver_view_lag_events 0" not in text and time.monotonic() < deadline:
+        time.sleep(0.05)
+        text = server.get("/metrics").text
     assert "otserver_view_lag_events 0" in text
     assert "otserver_queue_events 0" in text
 
