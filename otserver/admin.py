@@ -79,6 +79,11 @@ def _event_at(event_log, txn, position: int, step: int) -> dict | None:
     return None
 
 
+def format_time(ms: int) -> str:
+    """Unix milliseconds as a date a person reads: '2026-12-02 03:14:15 UTC'."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000))
+
+
 def print_info(store, *, as_json: bool = False, out=sys.stdout) -> int:
     data = info(store)
     if as_json:
@@ -102,7 +107,8 @@ def print_info(store, *, as_json: bool = False, out=sys.stdout) -> int:
     print(f"size cap      {data['max_store_bytes'] / mib:.0f} MiB per environment", file=out)
     for label, key in (("oldest event", "oldest_event"), ("newest event", "newest_event")):
         event = data[key]
-        print(f"{label:<13} {event['eid'] + ' at ' + str(event['unixtimestamp']) if event else '-'}", file=out)
+        when = f"{event['eid']} at {format_time(event['unixtimestamp'])}" if event else "-"
+        print(f"{label:<13} {when}", file=out)
     return 0
 
 

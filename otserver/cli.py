@@ -14,8 +14,8 @@ import logging
 import os
 import sys
 
-from . import admin, api
-from .config import Config, convert, from_env, setting_name
+from . import __version__, admin, api
+from .config import Config, check, convert, format_setting, from_env, setting_name
 from .errors import HttpError
 from .lmdbenv import SchemaError
 
@@ -57,7 +57,8 @@ FIELD_HELP = {
     "tls_cert": "PEM certificate (chain) file: serve HTTPS",
     "tls_key": "PEM private key file for --tls-cert",
     "access_log": "log one line per answered request (off by default)",
-    "ttl_s": "how long data is kept (units: s, m, h, d)",
+    "ttl_s": "how long data is kept (with a unit: 60d, 12h)",
+    "allow_short_ttl": "accept a --ttl shorter than one hour (tests, demos)",
     "sweep_interval_s": "time between the sweeper's passes",
     "sweep_step_limit": "deletions per sweeper transaction",
     "default_page_size": "read API page size when no limit is given",
@@ -75,7 +76,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, fields) -> None:
         name = setting_name(f.name)
         flag = "--" + name.replace("_", "-")
         default = getattr(defaults, f.name)
-        help_text = f"{FIELD_HELP.get(f.name, '')} (default {default!r}; env OTSERVER_{name.upper()})"
+        help_text = (f"{FIELD_HELP[f.name]} (default {format_setting(f.name, default)}; "
+                     f"env OTSERVER_{name.upper()})")
         if isinstance(default, bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)
@@ -87,6 +89,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, fields) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="otserver", description="Self-hosted events engine (Opentracker raw-URL events API).")
+    parser.add_argument("--version", action="version", version=f"otserver {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the server")
@@ -113,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = sub.add_parser("sweep", help="delete what is older than the TTL, once, and exit")
     _add_config_flags(sweep, [f for f in dataclasses.fields(Config)
-                              if f.name in ("data_dir", "ttl_s", "sweep_step_limit")])
+                              if f.name in ("data_dir", "ttl_s", "allow_short_ttl",
+                                            "sweep_step_limit")])
     info = sub.add_parser("info", help="counts, sizes, oldest and newest event")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     _add_config_flags(info, data_dir_only)
@@ -155,13 +159,51 @@ def build_config(args: argparse.Namespace, environ) -> Config:
                 changes[f.name] = value if isinstance(value, bool) else convert(f.name, value)
             except ValueError as exc:
                 raise SystemExit(f"otserver: --{setting_name(f.name).replace('_', '-')}: {exc}")
-    return config.replace(**changes)
+    config = config.replace(**changes)
+    check(config)
+    return config
+
+
+# Commands that read or manage an existing store: they never create one.
+NEEDS_STORE = frozenset(("info", "token", "export", "sweep", "backup", "rebuild-views"))
+
+
+def _require_store(command: str, data_dir: str) -> None:
+    from .log import log_path
+    from .migrate import has_v1_store
+    if not (os.path.isdir(log_path(data_dir)) or has_v1_store(data_dir)):
+        raise SystemExit(f"otserver {command}: {os.path.abspath(data_dir)} holds no otserver "
+                         "store (give the server's --data-dir, or start `otserver serve` there "
+                         "once to create one)")
+
+
+def serve(config: Config) -> int:
+    """One serving process with its folder beside it, or with --workers a supervisor."""
+    import uvloop
+
+    from .folder import FolderProcess
+    from .server import serve as serve_process
+    from .store import open_store
+    # Open the store once before any process serves it: a 0.1 store is migrated here, an
+    # unknown schema refused, a new data directory laid out.
+    open_store(config).close()
+    if config.workers > 1:
+        from .supervisor import supervise
+        return supervise(config, config.workers)
+    folder = FolderProcess(config)
+    folder.start()
+    if not folder.wait_running():
+        logging.getLogger("otserver").error(
+            "the folder process did not start; serving anyway (reads will wait)")
+    try:
+        return uvloop.run(serve_process(config, folder=folder))
+    finally:
+        folder.stop()
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
     if args.command == "serve":
-        from .server import run as run_server
-        return run_server(config, config.workers)
+        return serve(config)
     if args.command == "writer":
         from .log import EventLog, log_path
         from .writer import run_writer
@@ -172,6 +214,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
         finally:
             event_log.close()
     from .store import open_store
+    if args.command in NEEDS_STORE:
+        _require_store(args.command, config.data_dir)
     store = open_store(config)
     try:
         if args.command == "fold":
@@ -207,7 +251,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
                 if args.json:
                     print(json.dumps(row))
                 else:
-                    print(f"{row['id']}  {row['site']}  created {row['created']}  {row['label']}")
+                    print(f"{row['id']}  {row['site']}  created "
+                          f"{admin.format_time(row['created'])}  {row['label']}")
         elif args.token_command == "revoke":
             removed = api.revoke_token(store.log, args.id)
             if not removed:
@@ -229,6 +274,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"otserver: {exc}")
     try:
         return run(args, config)
+    except BrokenPipeError:  # `otserver info | head -1`: the reader left, which is fine
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the exit's flush does not fail again
+        return 1
     except (ValueError, OSError, SchemaError) as exc:
         raise SystemExit(f"otserver: {exc}")
     except HttpError as exc:  # a bad --from/--to

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 from dataclasses import dataclass
 
@@ -35,6 +36,15 @@ def parse_duration(text: str | float | int) -> float:
     if unit not in _DURATION_UNITS:
         raise ValueError(f"not a duration: {text!r} (use a number with ms, s, m, h, d or w)")
     return float(m.group(1)) * _DURATION_UNITS[unit]
+
+
+def parse_int(text: str | int) -> int:
+    """'500' -> 500: a whole number, 0 or more."""
+    if isinstance(text, int):
+        return text
+    if not text.strip().isdigit():
+        raise ValueError(f"not a whole number: {text!r}")
+    return int(text)
 
 
 def parse_size(text: str | int) -> int:
@@ -69,7 +79,7 @@ def parse_bool(text: str | bool) -> bool:
 @dataclass(frozen=True, slots=True)
 class Config:
     # listening
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # the systemd environment file sets the public address
     port: int = 8080
     data_dir: str = "./otdata"
     workers: int = 1
@@ -113,6 +123,7 @@ class Config:
     max_view_lag: int = 100_000
     max_read_wait_s: float = 2.0
     ttl_s: float = 60 * 86400.0
+    allow_short_ttl: bool = False
     sweep_interval_s: float = 60.0
     sweep_step_limit: int = 500
 
@@ -137,7 +148,7 @@ class Config:
 
 # How a text setting (flag or environment variable) becomes a typed value.
 CONVERTERS = {
-    int: int,
+    int: parse_int,
     float: parse_duration,
     bool: parse_bool,
     str: str,
@@ -157,6 +168,8 @@ def convert(name: str, text):
     """Turn one setting's text into the type its field holds."""
     if name in SIZE_FIELDS:
         return parse_size(text)
+    if name == "ttl_s" and isinstance(text, str) and text.strip().replace(".", "", 1).isdigit():
+        raise ValueError(f"{text!r} needs a unit: 60d is sixty days, 12h twelve hours")
     kind = type(getattr(Config(), name))
     return CONVERTERS[kind](text)
 
@@ -185,9 +198,68 @@ def to_env(config: Config) -> dict:
             value = ",".join(str(net) for net in value)
         elif isinstance(value, bool):
             value = "1" if value else "0"
+        elif isinstance(value, float):
+            value = f"{value!r}s"
         env["OTSERVER_" + setting_name(f.name).upper()] = str(value)
     return env
 
 
-__all__ = ["Config", "from_env", "to_env", "convert", "setting_name", "parse_duration",
+def _format_duration(seconds: float) -> str:
+    """5184000.0 -> '60d', 0.05 -> '50ms': the largest unit that gives a whole number of at
+    least 2 (so 60 seconds stay '60s')."""
+    for unit, size in (("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count = seconds / size
+        if count >= 2 and count == int(count) and unit != "w":
+            return f"{int(count)}{unit}"
+    if seconds == int(seconds):
+        return f"{int(seconds)}s"
+    return f"{round(seconds * 1000)}ms"
+
+
+def _format_size(size: int) -> str:
+    """67108864 -> '64MiB'."""
+    for unit, scale in (("TiB", 1024 * GIB), ("GiB", GIB), ("MiB", MIB), ("KiB", KIB)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
+
+
+def format_setting(name: str, value) -> str:
+    """A setting's value as a person writes it (and as --help, README.md and
+    systemd/otserver.env show defaults): '60d', '64MiB', 'on', 'none'."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if name in SIZE_FIELDS:
+        return _format_size(value)
+    if isinstance(value, float):
+        return _format_duration(value)
+    if isinstance(value, tuple):
+        return ",".join(str(net) for net in value) or "none"
+    if value == "":
+        return "none"
+    return str(value)
+
+
+def check(config: Config) -> None:
+    """Refuse settings that cannot be meant, naming the flag (ValueError)."""
+    if not 0 <= config.port <= 65535:
+        raise ValueError(f"--port {config.port}: a port is a number from 0 to 65535")
+    if config.workers < 1:
+        raise ValueError("--workers: at least 1")
+    if config.ttl_s <= 0:
+        raise ValueError("--ttl must be longer than 0: it is how long data is kept "
+                         "(the default is 60d)")
+    if config.ttl_s < 3600 and not config.allow_short_ttl:
+        raise ValueError(f"--ttl {format_setting('ttl_s', config.ttl_s)} is shorter than one "
+                         "hour: everything older is deleted soon after start. Add "
+                         "--allow-short-ttl if that is what you want")
+    if config.sweep_step_limit < 1 or config.fold_batch_events < 1:
+        raise ValueError("--sweep-step-limit and --fold-batch-events: at least 1")
+    if config.max_store_bytes < config.initial_store_bytes:
+        raise ValueError("--max-store-bytes is smaller than --initial-store-bytes")
+    if config.data_dir and os.path.exists(config.data_dir) and not os.path.isdir(config.data_dir):
+        raise ValueError(f"--data-dir {config.data_dir} is a file, not a directory")
+
+
+__all__ = ["check", "format_setting", "Config", "from_env", "to_env", "convert", "setting_name", "parse_duration",
            "parse_size"]

@@ -45,3 +45,11 @@ class StoreFull(Exception):
 
 class StoreFailed(Exception):
     """A write transaction failed for a reason other than space."""
+
+
+class PortInUse(ValueError):
+    """The listening port is held by someone else (not by this supervisor's workers)."""
+
+    def __init__(self, host: str, port: int):
+        super().__init__(f"port {port} on {host} is already in use (another otserver, or "
+                         "another program, listens there): stop it or choose another --port")

@@ -86,7 +86,7 @@ def read_snapshots(directory: str, own_pid: int, own: dict) -> list[dict]:
         if not name.endswith(".json"):
             continue
         pid = int(name[:-5]) if name[:-5].isdigit() else None
-        if pid is None or pid == own_pid or not _alive(pid):
+        if pid is None or pid == own_pid or not alive(pid):
             continue
         try:
             with open(os.path.join(directory, name)) as data:
@@ -96,7 +96,7 @@ def read_snapshots(directory: str, own_pid: int, own: dict) -> list[dict]:
     return snapshots
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

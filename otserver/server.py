@@ -1,5 +1,6 @@
-"""Wiring: open the store, start the writer, the live hub and the reader threads, listen,
-handle signals, drain; in a single process, start the folder process beside the server.
+"""Wiring of one serving process: open the store, start the writer, the live hub and the
+reader threads, listen, handle signals, drain. (`cli.serve` starts the folder process beside
+it, or the supervisor and its workers.)
 
 SIGTERM or SIGINT drains: stop accepting, answer what was received (every event already
 submitted is committed first), close connections, close the store, return 0; then the folder
@@ -8,17 +9,16 @@ catches up with the log and stops.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
-import socket
 import ssl
 from collections import Counter
 
-import uvloop
-
 from .api import Api, ReadPool
-from .folder import FolderProcess, ViewWatch, folder_running, read_folder_snapshot
+from .errors import PortInUse
+from .folder import ViewWatch, folder_running, read_folder_snapshot
 from .handler import Handler
 from .live import LiveHub
 from .metrics import Metrics, read_snapshots, render, write_snapshot
@@ -182,9 +182,21 @@ async def serve(config, *, workers: int = 1, notifier=None, folder=None) -> int:
     server = Server(config, store, loop, workers=workers, folder=folder)
     await server.writer.start()
     tls = tls_context(config)
-    listener = await loop.create_server(
-        lambda: HttpProtocol(server), config.host, config.port, ssl=tls,
-        backlog=4096, reuse_address=True, reuse_port=hasattr(socket, "SO_REUSEPORT"))
+    stop = asyncio.Event()  # before anyone can learn the port: a SIGTERM from then on drains
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        # Only a supervisor's workers share a port; a lone server must own it.
+        listener = await loop.create_server(
+            lambda: HttpProtocol(server), config.host, config.port, ssl=tls,
+            backlog=4096, reuse_address=True, reuse_port=workers > 1)
+    except OSError as exc:
+        await server.writer.close()
+        server.pool.close()
+        store.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(config.host, config.port) from None
+        raise
     server.start_clock()
     server.live.start()
     address = listener.sockets[0].getsockname()
@@ -192,9 +204,6 @@ async def serve(config, *, workers: int = 1, notifier=None, folder=None) -> int:
              address[0], address[1], config.data_dir)
     notifier.ready(f"listening on {address[0]}:{address[1]}")
     watchdog = _Watchdog(server, notifier)
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     try:
         await stop.wait()
     finally:
@@ -259,25 +268,3 @@ def tls_context(config):
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(config.tls_cert, config.tls_key or None)
     return context
-
-
-def prepare(config) -> None:
-    """Open the store once before any process serves it: a 0.1 store is migrated here, an
-    unknown schema refused, a new data directory laid out."""
-    from .store import open_store
-    open_store(config).close()
-
-
-def run(config, workers: int = 1) -> int:
-    prepare(config)
-    if workers > 1:
-        from .supervisor import supervise
-        return supervise(config, workers)
-    folder = FolderProcess(config)
-    folder.start()
-    if not folder.wait_running():
-        log.error("the folder process did not start; serving anyway (reads will wait)")
-    try:
-        return uvloop.run(serve(config, folder=folder))
-    finally:
-        folder.stop()

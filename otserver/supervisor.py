@@ -17,6 +17,7 @@ Invariants:
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import signal
@@ -25,8 +26,11 @@ import time
 
 import uvloop
 
-from .metrics import _alive
+from .errors import PortInUse
+from .folder import FolderProcess
+from .metrics import alive
 from .notify import Notifier
+from .server import serve
 
 log = logging.getLogger("otserver")
 PR_SET_PDEATHSIG = 1
@@ -36,10 +40,22 @@ def _reserve_port(config) -> tuple[socket.socket, int]:
     """Bind (not listen) a SO_REUSEPORT socket to learn the port when it is 0, and hold it
     so the workers can all bind the same one."""
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    port = config.port
+    # First a plain bind: it fails while anyone (another supervisor's reserved socket too)
+    # holds the port, which a SO_REUSEPORT bind alone would share instead.
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((config.host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(config.host, port) from None
+            raise
+        port = probe.getsockname()[1]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((config.host, config.port))
+    sock.bind((config.host, port))
     return sock, sock.getsockname()[1]
 
 
@@ -50,7 +66,7 @@ def _clean_snapshots(directory: str) -> None:
         return
     for name in names:
         stem = name.split(".", 1)[0]
-        if stem.isdigit() and not _alive(int(stem)):
+        if stem.isdigit() and not alive(int(stem)):
             try:
                 os.unlink(os.path.join(directory, name))
             except OSError:
@@ -58,9 +74,6 @@ def _clean_snapshots(directory: str) -> None:
 
 
 def supervise(config, workers: int) -> int:
-    from .folder import FolderProcess
-    from .server import serve
-
     notifier = Notifier.from_env()
     reserved, port = _reserve_port(config)
     config = config.replace(port=port)

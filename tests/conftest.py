@@ -160,6 +160,12 @@ class RunningServer:
             store.close()
 
 
+def run_cli(*args, timeout: float = 60, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`otserver ARGS...` as a user runs it: its exit code, stdout and stderr."""
+    return subprocess.run([sys.executable, "-m", "otserver", *args], capture_output=True,
+                          text=True, timeout=timeout, input=stdin)
+
+
 def read_until_close(sock: socket.socket, timeout: float = 5.0) -> bytes:
     sock.settimeout(timeout)
     chunks = []

@@ -408,7 +408,7 @@ def test_a_reader_killed_inside_its_transaction_is_cleared_when_a_server_starts(
     dead = _kill_a_reader(server.data_dir)
     assert _stale_readers(log_env) == [dead], "the setup left no stale slot"
 
-    server.extra_args = ["--ttl", "1s", "--sweep-interval", "0.3s"]
+    server.extra_args = ["--ttl", "1s", "--allow-short-ttl", "--sweep-interval", "0.3s"]
     server.start()
     assert _stale_readers(log_env) == []  # reader_check at start
     assert _reader_check(log_env) == 0
@@ -423,7 +423,7 @@ def test_a_reader_killed_inside_its_transaction_is_cleared_when_a_server_starts(
 
 def test_a_reader_killed_while_the_server_runs_does_not_make_the_store_grow_forever(
         make_server):
-    server = make_server("--ttl", "1s", "--sweep-interval", "0.3s")
+    server = make_server("--ttl", "1s", "--allow-short-ttl", "--sweep-interval", "0.3s")
     assert server.track(si=SITE, sid="warm").status == 200
     dead = [_kill_a_reader(server.data_dir, env) for env in ("log", "views")]  # held open
     for env, pid in zip(("log", "views"), dead):

@@ -375,7 +375,7 @@ def test_the_sweeper_sweeps_a_migrated_store(tmp_path):
     """Retention works on converted records and indexes: with a TTL shorter than the
     fixture's age, `otserver sweep` (which migrates first) deletes everything it may."""
     data_dir = copy_fixture(tmp_path / "otdata")
-    out = cli("sweep", "--ttl", "1s", data_dir=data_dir)
+    out = cli("sweep", "--ttl", "1s", "--allow-short-ttl", data_dir=data_dir)
     assert out.returncode == 0, out.stderr
     assert "migrated " in out.stderr
     counts = EXPECTED["counts"]

@@ -2,14 +2,12 @@
 the size cap (503, then recovery), backup under load, and a store that levels off under churn."""
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import RunningServer
+from conftest import RunningServer, run_cli
 
 from otserver.config import Config
 from otserver.folder import Folder
@@ -205,17 +203,12 @@ def test_store_size_levels_off_under_churn(tmp_path):
 
 # ---------------------------------------------------------------------- over the CLI
 
-def run_cli(*args, timeout=60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "otserver", *args], capture_output=True,
-                          text=True, timeout=timeout)
-
-
 def test_sweep_over_the_cli_against_a_running_server(server):
     token = server.create_token("site")
     old_eid = server.track(si="site", sid="old-session", uid="old-user", page="/a").text
     time.sleep(3.2)
     young_eid = server.track(si="site", sid="young-session", uid="young-user").text
-    done = run_cli("sweep", "--ttl", "3s", "--data-dir", str(server.data_dir))
+    done = run_cli("sweep", "--ttl", "3s", "--allow-short-ttl", "--data-dir", str(server.data_dir))
     assert done.returncode == 0, done.stderr
     assert "swept 1 events, 1 sessions, 1 users" in done.stdout
     api = lambda path: server.api(path + "?si=site", token).status  # noqa: E731
@@ -230,7 +223,7 @@ def test_sweep_over_the_cli_against_a_running_server(server):
 
 
 def test_the_server_sweeps_by_itself(make_server):
-    server = make_server("--ttl", "2s", "--sweep-interval", "1s")
+    server = make_server("--ttl", "2s", "--allow-short-ttl", "--sweep-interval", "1s")
     token = server.create_token("site")
     eid = server.track(si="site", sid="short").text
     deadline = time.monotonic() + 10
@@ -289,7 +282,7 @@ def test_at_the_size_cap_a_sweep_makes_room(make_server):
     acked, refused = fill_until_refused(server)
     assert refused.status == 503
     time.sleep(1.1)
-    done = run_cli("sweep", "--ttl", "1s", "--data-dir", str(server.data_dir))
+    done = run_cli("sweep", "--ttl", "1s", "--allow-short-ttl", "--data-dir", str(server.data_dir))
     assert done.returncode == 0, done.stderr
     assert server.counts()["events"] == 0
     for i in range(20):  # writes resume by themselves: no restart
