@@ -1,7 +1,8 @@
-"""Commands that work on a store directly: sweep, info, backup, export, import. Safe while a
-server runs on the same data directory (LMDB takes one writer at a time per environment; a
-backup copies one read snapshot of each). A command that needs the views current first has
-them catch up with the log (folder.catch_up): inline when no folder runs, else by waiting."""
+"""Commands that work on a store directly: sweep, info, backup, export, import, tokens. Safe
+while a server runs on the same data directory (LMDB takes one writer at a time per
+environment; a backup copies one read snapshot of each). A command that needs the views
+current first has them catch up with the log (folder.catch_up): inline when no folder runs,
+else by waiting."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import os
 import sys
 import time
 
+from .api import new_token, token_digest, token_id
 from .folder import catch_up, folder_running
 from .model import LogEntry, entry_ts, now_ms
 from .sweeper import sweep_all
@@ -221,3 +223,28 @@ def import_events(store, lines, config, *, err=sys.stderr, batch_size: int = 100
     catch_up(store.log, store.views, config)
     print(f"imported {imported} events ({skipped} already present)", file=err)
     return 0
+
+
+# ---------------------------------------------------------------------- tokens
+
+def create_token(event_log, site: str, label: str = "") -> tuple[str, str]:
+    """-> (token, id). The token is shown once; only its digest is kept."""
+    if not site:
+        raise ValueError("a token needs a site (or * for every site)")
+    token = new_token()
+    digest = token_digest(token)
+    event_log.put_token(digest, site, now_ms(), label)
+    return token, token_id(digest)
+
+
+def list_tokens(event_log) -> list[dict]:
+    return [{"id": token_id(d), "site": v[0], "created": v[1], "label": v[2]}
+            for d, v in event_log.list_tokens()]
+
+
+def revoke_token(event_log, ident: str) -> int:
+    ident = ident.lower()
+    if len(ident) < 6:
+        raise ValueError("give at least 6 characters of the token id")
+    return event_log.delete_tokens([d for d, _ in event_log.list_tokens()
+                                    if token_id(d).startswith(ident)])

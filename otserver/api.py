@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl, unquote_to_bytes
 
 from . import http
 from .errors import HttpError
-from .handler import Deferred
+from .handler import Deferred, LiveStream
 from .model import (R_CAPTURED, R_COUNT, R_FIRST, R_LAST, EidGenerator, eid_to_key,
                     encode_erasure, folded_record, now_ms, session_key, site_key, user_key)
 
@@ -54,9 +54,11 @@ def token_id(digest: bytes) -> str:
     return digest.hex()[:12]
 
 
-def _json(status: int, payload, head: bool = False, headers: tuple = ()) -> bytes:
+def _json(status: int, payload, head: bool = False, headers: tuple = (),
+          close: bool = False) -> bytes:
     body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-    return http.render(status, body, content_type=http.JSON, head=head, headers=headers)
+    return http.render(status, body, content_type=http.JSON, head=head, headers=headers,
+                       close=close)
 
 
 class ReadPool:
@@ -80,16 +82,16 @@ class ReadPool:
         self.executor.shutdown(wait=True)
 
 
-def _answer(fn, args: tuple, head: bool) -> bytes:
+def _answer(fn, args: tuple, head: bool, close: bool) -> bytes:
     """fn(*args) -> a payload; as an answer, with a refusal or a failure answered too."""
     try:
         result = fn(*args)
-        return result if isinstance(result, bytes) else _json(200, result, head=head)
+        return result if isinstance(result, bytes) else _json(200, result, head, close=close)
     except HttpError as exc:
-        return _json(exc.status, {"error": exc.reason}, head=head, headers=exc.headers)
+        return _json(exc.status, {"error": exc.reason}, head, exc.headers, close)
     except Exception:  # never leave a reader without an answer
         log.exception("read failed")
-        return _json(500, {"error": "internal error"}, head=head)
+        return _json(500, {"error": "internal error"}, head, close=close)
 
 
 class Api:
@@ -109,7 +111,7 @@ class Api:
         try:
             return self._handle(req)
         except HttpError as exc:
-            return _json(exc.status, {"error": exc.reason}, head=req.head, headers=exc.headers)
+            return _json(exc.status, {"error": exc.reason}, req.head, exc.headers, req.close)
 
     def _handle(self, req):
         parts = req.path.split(b"/")  # ['', 'api', 'v1', kind] or ['', 'api', 'v1', kind, id]
@@ -141,7 +143,7 @@ class Api:
         except UnicodeDecodeError:
             raise HttpError(404, "not found") from None
         if req.method == b"DELETE":
-            return self._erase(si, ident)
+            return self._erase(req, si, ident)
         return handler(req, si, ident, params)
 
     # ------------------------------------------------------------------ auth and parameters
@@ -178,25 +180,27 @@ class Api:
 
     # ------------------------------------------------------------------ deferred reads
 
-    def _read(self, fn, args: tuple, head: bool, *, wait: bool = True) -> Deferred:
+    def _read(self, fn, args: tuple, req, *, wait: bool = True) -> Deferred:
         """Answer with fn(*args) run on a reader thread, once the views have caught up with
         the log as it is now (`wait`)."""
+        head, close = req.head, req.close
+
         def start(done) -> None:
             def go(ok: bool = True) -> None:
                 if ok:
-                    self.pool.run(_answer, (fn, args, head), done)
+                    self.pool.run(_answer, (fn, args, head, close), done)
                 else:
-                    done(self._behind(head))
+                    done(self._behind(head, close))
             if wait:
                 self.watch.wait(go)
             else:
                 go()
         return Deferred(start)
 
-    def _behind(self, head: bool = False) -> bytes:
+    def _behind(self, head: bool = False, close: bool = False) -> bytes:
         return _json(503, {"error": f"the views did not catch up with the log within "
                                     f"{self.config.max_read_wait_s:g} s; retry"},
-                     head=head, headers=(("Retry-After", str(self.config.retry_after_s)),))
+                     head, (("Retry-After", str(self.config.retry_after_s)),), close)
 
     # ------------------------------------------------------------------ resources
 
@@ -204,7 +208,7 @@ class Api:
         key = eid_to_key(eid.lower())
         if key is None:
             raise HttpError(404, "no such event")
-        return self._read(self._read_event, (si, key), req.head, wait=False)
+        return self._read(self._read_event, (si, key), req, wait=False)
 
     def _read_event(self, si: str, key: bytes) -> dict:
         with self.log.read() as txn:
@@ -217,7 +221,7 @@ class Api:
     def _session(self, req, si: str, sid: str, params: dict) -> Deferred:
         limit = self._page(params)
         after = self._after_eid(params)
-        return self._read(self._read_session, (si, sid, limit, after), req.head)
+        return self._read(self._read_session, (si, sid, limit, after), req)
 
     def _read_session(self, si: str, sid: str, limit: int, after: bytes | None) -> dict:
         views, event_log = self.views, self.log
@@ -254,7 +258,7 @@ class Api:
     def _user(self, req, si: str, uid: str, params: dict) -> Deferred:
         limit = self._page(params)
         after = self._after_cursor(params)
-        return self._read(self._read_user, (si, uid, limit, after), req.head)
+        return self._read(self._read_user, (si, uid, limit, after), req)
 
     def _read_user(self, si: str, uid: str, limit: int, after: bytes | None) -> dict:
         views = self.views
@@ -275,36 +279,38 @@ class Api:
                                  if len(links) > limit else None)
         return payload
 
-    def _erase(self, si: str, uid: str) -> Deferred:
+    def _erase(self, req, si: str, uid: str) -> Deferred:
         """Erasure is an entry in the log, after every event acknowledged before it; the
         answer comes once the folder has carried it out (or 202 if that takes longer than
         --max-read-wait: it is logged, and it will be done)."""
         retry = (("Retry-After", str(self.config.retry_after_s)),)
+        close = req.close
 
         def start(done) -> None:
             _, key, ts = self.eids.next(now_ms())
 
             def logged(arg, error, position: int) -> None:
                 if error is not None:
-                    done(_json(503, {"error": f"storage unavailable: {error}"}, headers=retry))
+                    done(_json(503, {"error": f"storage unavailable: {error}"}, headers=retry,
+                               close=close))
                     return
 
                 def finished(ok: bool) -> None:
                     if not ok:
                         done(_json(202, {"erasure": "logged; the folder is carrying it out",
-                                         "position": position}))
+                                         "position": position}, close=close))
                         return
                     result = self.log.erasure_result(position)[1]
                     if result is None:
-                        done(_json(404, {"error": "no such user"}))
+                        done(_json(404, {"error": "no such user"}, close=close))
                     else:
-                        done(_json(200, {"erased": result}))
+                        done(_json(200, {"erased": result}, close=close))
                 self.watch.want(position)
                 self.watch.wait_for(lambda: self.log.erasure_result(position)[0], finished)
 
             if not self.writer.submit([encode_erasure(key, ts, si, uid)], logged, None):
                 done(_json(503, {"error": "overloaded: too many events waiting for a commit"},
-                           headers=retry))
+                           headers=retry, close=close))
         return Deferred(start)
 
     # ------------------------------------------------------------------ reports
@@ -318,17 +324,18 @@ class Api:
         limit = self._page(params, default=self.config.max_page_size,
                            most=self.config.max_listing_page)
         after = parse_position(params)
-        return self._read(self._read_listing, (si, start_ms, end_ms, after, limit, req.head),
-                          req.head)
+        return self._read(self._read_listing,
+                          (si, start_ms, end_ms, after, limit, req.head, req.close), req)
 
-    def _read_listing(self, si, start_ms, end_ms, after, limit, head) -> bytes:
+    def _read_listing(self, si, start_ms, end_ms, after, limit, head, close) -> bytes:
         start, end = positions_between(self.log, start_ms, end_ms)
         if after is not None:
             start = max(start, after + 1)
         lines, positions = site_event_lines(self.log, self.views, si, start, end, limit)
         body = ("\n".join(lines) + "\n").encode() if lines else b""
         headers = (("X-Next-After", str(positions[-1])),) if positions else ()
-        return http.render(200, body, content_type=http.NDJSON, head=head, headers=headers)
+        return http.render(200, body, content_type=http.NDJSON, head=head, headers=headers,
+                           close=close)
 
     def _stats(self, req, si: str, params: dict) -> Deferred:
         bucket = params.get("bucket", "hour")
@@ -339,7 +346,7 @@ class Api:
         start = parse_time(params, "from", end - 86_400_000)
         if start >= end:
             raise HttpError(400, "from must be before to")
-        return self._read(self._read_stats, (si, bucket, size, start, end), req.head)
+        return self._read(self._read_stats, (si, bucket, size, start, end), req)
 
     def _read_stats(self, si: str, bucket: str, size: int, start: int, end: int) -> dict:
         buckets: dict[int, list] = {}
@@ -416,16 +423,6 @@ class Api:
             return base64.urlsafe_b64decode(text.encode())
         except (binascii.Error, ValueError):
             raise HttpError(400, "after must be a cursor from next_after") from None
-
-
-class LiveStream:
-    """The answer to /api/v1/live: the protocol turns the connection into an event stream."""
-
-    __slots__ = ("si", "last_id")
-
-    def __init__(self, si: str, last_id: int | None = None):
-        self.si = si
-        self.last_id = last_id
 
 
 # ---------------------------------------------------------------------- shared by reads
@@ -506,28 +503,3 @@ def session_summary(record: list) -> dict:
     flat = folded_record(record, "session")
     return {"sid": flat["sid"], "first_seen": record[R_FIRST], "last_seen": record[R_LAST],
             "event_count": record[R_COUNT]}
-
-
-# ---------------------------------------------------------------------- token commands
-
-def create_token(event_log, site: str, label: str = "") -> tuple[str, str]:
-    """-> (token, id). The token is shown once; only its digest is kept."""
-    if not site:
-        raise ValueError("a token needs a site (or * for every site)")
-    token = new_token()
-    digest = token_digest(token)
-    event_log.put_token(digest, site, now_ms(), label)
-    return token, token_id(digest)
-
-
-def list_tokens(event_log) -> list[dict]:
-    return [{"id": token_id(d), "site": v[0], "created": v[1], "label": v[2]}
-            for d, v in event_log.list_tokens()]
-
-
-def revoke_token(event_log, ident: str) -> int:
-    ident = ident.lower()
-    if len(ident) < 6:
-        raise ValueError("give at least 6 characters of the token id")
-    return event_log.delete_tokens([d for d, _ in event_log.list_tokens()
-                                    if token_id(d).startswith(ident)])

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from . import __version__, admin, api
+from . import __version__
 from .config import Config, check, convert, format_setting, from_env, setting_name
 from .errors import HttpError
 from .lmdbenv import SchemaError
@@ -206,7 +206,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         return serve(config)
     if args.command == "writer":
         from .log import EventLog, log_path
-        from .writer import run_writer
+        from .appender import run_writer
         event_log = EventLog(log_path(config.data_dir), initial_bytes=config.initial_store_bytes,
                              max_bytes=config.max_store_bytes)
         try:
@@ -226,6 +226,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         if args.command == "rebuild-views":
             from .folder import rebuild
             return rebuild(store.log, store.views, config)
+        from . import admin, api
         if args.command == "sweep":
             return admin.sweep(store, config)
         if args.command == "info":
@@ -242,19 +243,19 @@ def run(args: argparse.Namespace, config: Config) -> int:
             with open(args.file, encoding="utf-8") as lines:
                 return admin.import_events(store, lines, config)
         if args.token_command == "create":
-            token, ident = api.create_token(store.log, args.site, args.label)
+            token, ident = admin.create_token(store.log, args.site, args.label)
             print(token)
             print(f"token {ident} for site {args.site!r} created; it is shown only this once",
                   file=sys.stderr)
         elif args.token_command == "list":
-            for row in api.list_tokens(store.log):
+            for row in admin.list_tokens(store.log):
                 if args.json:
                     print(json.dumps(row))
                 else:
                     print(f"{row['id']}  {row['site']}  created "
                           f"{admin.format_time(row['created'])}  {row['label']}")
         elif args.token_command == "revoke":
-            removed = api.revoke_token(store.log, args.id)
+            removed = admin.revoke_token(store.log, args.id)
             if not removed:
                 print(f"otserver: no token with id {args.id}", file=sys.stderr)
                 return 1
@@ -273,7 +274,15 @@ def main(argv=None) -> int:
     except ValueError as exc:
         raise SystemExit(f"otserver: {exc}")
     try:
-        return run(args, config)
+        code = run(args, config)
+        if args.command in ("writer", "fold"):
+            # A helper process of serve, its store closed: leave without the interpreter's
+            # teardown (tens of ms), which the server's stop would otherwise wait for.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except BrokenPipeError:  # `otserver info | head -1`: the reader left, which is fine
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so the exit's flush does not fail again

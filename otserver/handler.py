@@ -1,8 +1,9 @@
 """Routes (method, path) to the code that answers. No transport in sight.
 
-`Handler.handle(request)` returns bytes (a whole answer, ready to write), an `IngestJob` (events
-to append to the log, and how to answer once they are), a `Deferred` (an answer that comes
-later: a read waiting for the views, an erasure) or a `LiveStream`. The protocol owns the rest.
+`Handler.handle(request)` returns one of the answer types: bytes (a whole answer, ready to
+write), an `IngestJob` (events to append to the log; `Handler.answer(job, error, close)` renders
+its answer once the writer reports), a `Deferred` (an answer that comes later: a read waiting
+for the views, an erasure) or a `LiveStream`. The protocol owns the rest.
 """
 from __future__ import annotations
 
@@ -71,6 +72,16 @@ class Deferred:
         self.start = start
 
 
+class LiveStream:
+    """The answer to /api/v1/live: the connection becomes an event stream of one site."""
+
+    __slots__ = ("si", "last_id")
+
+    def __init__(self, si: str, last_id: int | None = None):
+        self.si = si
+        self.last_id = last_id
+
+
 def anonymize(address: str) -> str:
     """IPv4: last octet zeroed; IPv6: last 80 bits zeroed."""
     try:
@@ -85,16 +96,28 @@ def anonymize(address: str) -> str:
 
 
 class Handler:
-    def __init__(self, config, writer, api=None, eids: EidGenerator | None = None, ops=None,
-                 watch=None):
+    def __init__(self, config, api=None, eids: EidGenerator | None = None, *,
+                 not_ready=None, metrics_text=None, watch=None):
         self.config = config
-        self.writer = writer
         self.api = api
-        self.ops = ops  # not_ready() and metrics_text(): the server
+        self.not_ready = not_ready  # () -> why /readyz is 503, or None
+        self.metrics_text = metrics_text  # () -> the /metrics page
         self.watch = watch  # the folder's progress: ingest refuses past --max-view-lag
         self.eids = eids or EidGenerator()
         self._trusted = config.trusted_proxies
         self._ip_cache: dict[str, str] = {}
+        self._retry = (("Retry-After", str(config.retry_after_s)),)
+
+    def answer(self, job: IngestJob, error: str | None, close: bool) -> bytes:
+        """The answer to an ingest job once the writer has reported: 200 with the eids, or
+        503 (`error` says why: the log could not commit, or too many events wait)."""
+        if error is None:
+            return job.answer(close)
+        if error == "overloaded":
+            reason = "overloaded: too many events waiting for a commit"
+        else:
+            reason = f"storage unavailable: {error}"
+        return http.error(503, reason, cors=True, headers=self._retry, close=close)
 
     # ------------------------------------------------------------------ dispatch
 
@@ -115,19 +138,19 @@ class Handler:
             return http.error(404, "not found", head=req.head)
         except HttpError as exc:
             return http.error(exc.status, exc.reason, cors=allowed is not None,
-                              headers=exc.headers, close=exc.close, head=req.head)
+                              headers=exc.headers, close=exc.close or req.close, head=req.head)
 
     def _operations(self, req: Request, path: bytes) -> bytes:
         if path == b"/healthz":
             return http.render(200, b"ok\n", head=req.head)
         if path == b"/readyz":
-            problem = self.ops.not_ready() if self.ops is not None else None
+            problem = self.not_ready() if self.not_ready is not None else None
             if problem:
                 return http.error(503, problem, head=req.head)
             return http.render(200, b"ready\n", head=req.head)
-        if self.ops is None:
+        if self.metrics_text is None:
             return http.error(404, "not found", head=req.head)
-        return http.render(200, self.ops.metrics_text(), head=req.head,
+        return http.render(200, self.metrics_text(), head=req.head,
                            content_type=b"text/plain; version=0.0.4; charset=utf-8")
 
     def _ingest(self, req: Request, path: bytes, allowed: bytes):
@@ -198,9 +221,16 @@ class Handler:
         return captured or None
 
     def _client_ip(self, req: Request) -> str:
-        address = req.peer
-        if self._trusted and b"x-forwarded-for" in req.headers:
-            address = self._forwarded_for(address, req.headers[b"x-forwarded-for"])
+        return self.client_address(req.peer, req.headers)
+
+    def client_address(self, peer: str, headers: dict) -> str:
+        """The client's address as it is stored: behind a trusted proxy, the client it
+        forwarded for; anonymised with --anonymize-ip; "" when --no-capture-ip."""
+        if not self.config.capture_ip:
+            return ""
+        address = peer
+        if self._trusted and b"x-forwarded-for" in headers:
+            address = self._forwarded_for(address, headers[b"x-forwarded-for"])
         if not self.config.anonymize_ip:
             return address
         ip = self._ip_cache.get(address)

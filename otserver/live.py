@@ -14,7 +14,9 @@ Invariants:
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 
 from .api import sse_event
 from .model import LogEntry, site_key
@@ -131,3 +133,66 @@ class LiveHub:
             held.append(data)
         else:
             connection.push_live(data)
+
+
+class LiveConnection(asyncio.Protocol):
+    """A connection handed over by the HTTP protocol once the stream's head is written: it
+    only sends (what the hub pushes), reads nothing, and has no deadline."""
+
+    def __init__(self, hub: LiveHub, buffer_bytes: int):
+        self.hub = hub
+        self.buffer_bytes = buffer_bytes
+        self.transport = None
+        self.si: str | None = None
+        self.on_lost = None  # called with this connection once it is gone
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        # Bound the kernel's send buffer too, so a stalled reader's backlog shows up in the
+        # transport's buffer (which live_backlog measures) instead of hiding in the kernel.
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                max(4096, min(self.buffer_bytes // 4, 1 << 20)))
+            except OSError:
+                pass
+
+    def subscribe(self, si: str, last_id: int | None) -> None:
+        self.si = si
+        self.hub.subscribe(si, self, last_id)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # a stream's client has nothing more to say
+
+    def eof_received(self) -> bool:
+        return False  # the client left: close
+
+    def connection_lost(self, exc) -> None:
+        if self.si is not None:
+            self.hub.unsubscribe(self.si, self)
+        self.transport = None
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+    def live_backlog(self) -> int:
+        """Bytes owed to this subscriber and not yet sent."""
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    def push_live(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def close_live(self) -> None:
+        if self.si is not None:
+            self.hub.unsubscribe(self.si, self)
+            self.si = None
+        if self.transport is not None:
+            self.transport.abort()  # its buffer is what overflowed: drop it, do not drain it
+
+    def check_deadline(self, now: float) -> None:
+        pass  # a stream has none: heartbeats keep it alive
+
+    def shutdown(self) -> None:
+        if self.transport is not None:
+            self.transport.close()

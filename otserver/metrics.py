@@ -37,6 +37,30 @@ class Histogram:
         return {"counts": self.counts, "total": self.total, "count": self.count}
 
 
+ENDPOINTS = {path: path.decode() for path in
+             (b"/", b"/batch", b"/pixel.gif", b"/healthz", b"/readyz", b"/metrics")}
+REFUSAL_CLASSES = {
+    b"400": "bad_request", b"401": "unauthorized", b"403": "forbidden", b"404": "not_found",
+    b"405": "method_not_allowed", b"413": "body_too_large", b"414": "url_too_long",
+    b"415": "unsupported_media_type", b"431": "headers_too_large", b"500": "internal_error",
+    b"503": "unavailable", b"505": "http_version",
+}
+
+
+def endpoint(path: bytes) -> str:
+    """The label a path is counted under: the ingest and operations paths, the API's
+    resources, or "other" (so a scan of random paths cannot grow the label set)."""
+    name = ENDPOINTS.get(path)
+    if name is not None:
+        return name
+    parts = path.split(b"/")
+    if len(parts) >= 4 and parts[1] == b"api" and parts[2] == b"v1":
+        name = parts[3].decode("ascii", "replace")
+        if name in ("events", "sessions", "users", "stats", "live"):
+            return f"/api/v1/{name}" + ("/{id}" if len(parts) > 4 else "")
+    return "other"
+
+
 class Metrics:
     def __init__(self):
         self.requests: Counter = Counter()  # "endpoint status" -> n
@@ -44,13 +68,21 @@ class Metrics:
         self.commit_events = Histogram(COMMIT_SIZE_BUCKETS)
         self.commit_seconds = Histogram(COMMIT_SECONDS_BUCKETS)
 
+    def answered(self, path: bytes, status: bytes) -> None:
+        """One answer sent (or a refusal at the transport), by endpoint and status."""
+        self.requests[endpoint(path) + " " + status.decode()] += 1
+        if status[0] >= 0x34:  # 4xx and 5xx
+            self.refusals[REFUSAL_CLASSES.get(status, status.decode())] += 1
+
+    def timed_out(self) -> None:
+        self.refusals["timeout"] += 1
+
     def observe_commit(self, count: int, seconds: float) -> None:
         self.commit_events.observe(count)
         self.commit_seconds.observe(seconds)
 
-    def snapshot(self, server) -> dict:
+    def snapshot(self, writer, connections: int, live) -> dict:
         """This process's numbers, as plain data (for the file other workers read)."""
-        writer = server.writer
         return {
             "requests": dict(self.requests),
             "refusals": dict(self.refusals),
@@ -60,9 +92,9 @@ class Metrics:
             "commits": writer.commits,
             "lock_seconds": writer.lock_seconds,
             "queue_events": writer.pending_events,
-            "connections": len(server.connections),
-            "live_subscribers": len(server.live),
-            "live_dropped": server.live.dropped,
+            "connections": connections,
+            "live_subscribers": len(live),
+            "live_dropped": live.dropped,
         }
 
 

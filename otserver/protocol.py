@@ -1,28 +1,37 @@
 """The HTTP/1.1 connection: httptools callbacks, limits, keep-alive, pipelining, flow control.
 
-The only module that touches a transport. Invariants:
+The only module that parses a transport's bytes. Invariants:
+- A connection sees a narrow `Context` (config, handler, writer, loop, metrics, live, the set
+  of open connections), never the server.
+- Its state and its deadline change in one place, `_to(event)`, driven by `TRANSITIONS` and
+  `DEADLINES` (the shape of h11's `_state.py`): a fresh connection waits for a request head
+  under the header timeout, a head under the header timeout, a body under the body timeout, an
+  idle kept-alive connection under the keep-alive timeout; while answers are owed (WAIT) the
+  client waits on us, so there is no deadline. The server's clock tick calls `check_deadline`.
 - Answers leave in the order requests arrived, however their commits interleave: each request
   takes a slot in `_slots` and slots are written from the head as they fill.
 - Every limit of SPEC 2.6 is enforced here, before bytes are buffered without bound: httptools
   enforces none. A framing error answers, closes, and nothing after it is parsed (so a smuggled
   follow-up request is never run).
-- No timer per connection: `_deadline` moves with the connection's state (header deadline while
-  a request's head arrives, body deadline, idle keep-alive deadline, none while an answer is
-  being prepared) and the server's clock tick calls `check_deadline` on every connection.
 - Reading pauses while too many answers are outstanding or the transport's buffer is full.
+- A live stream (SSE) is handed over to its own protocol (`live.LiveConnection`) with
+  `transport.set_protocol` once the answers before it have left.
 - No Task, no future and no await per request.
 """
 from __future__ import annotations
 
 import asyncio
-import socket
+import logging
 from collections import deque
 
 import httptools
 
 from . import http
-from .errors import FramingError, HttpError, Unavailable
-from .handler import INGEST_PATHS, Deferred, IngestJob, Request
+from .errors import FramingError, HttpError
+from .handler import INGEST_PATHS, Deferred, IngestJob, LiveStream, Request
+from .live import LiveConnection
+
+log = logging.getLogger("otserver")
 
 # Header names otserver reads; the rest are counted and dropped.
 KEPT_HEADERS = frozenset((b"content-type", b"user-agent", b"referer", b"x-forwarded-for",
@@ -30,8 +39,57 @@ KEPT_HEADERS = frozenset((b"content-type", b"user-agent", b"referer", b"x-forwar
 HTTP_VERSIONS = ("1.1", "1.0")
 FEED_PIECE = 2048  # bytes parsed at a time when a read holds many requests
 LINGER_S = 2.0  # after an error answer, how long unread request bytes are drained before close
+# Chunked framing (sizes, extensions, CRLFs) allowed per byte of body, plus a fixed slack: a
+# body sent as 1-byte chunks costs 5 bytes of framing per byte, and is accepted; a trickle of
+# chunk extensions carrying no body is not.
+FRAMING_PER_BODY_BYTE = 16
+FRAMING_SLACK = 4096
 
-_IDLE, _HEAD, _BODY, _WAIT, _LINGER, _LIVE = range(6)
+# Connection states. FAILED: a framing error is answered after the answers owed before it;
+# LINGER: that answer is written and the connection half-closed, unread bytes are drained.
+OPEN, IDLE, HEAD, BODY, WAIT, FAILED, LINGER, CLOSED = range(8)
+STATE_NAMES = ("OPEN", "IDLE", "HEAD", "BODY", "WAIT", "FAILED", "LINGER", "CLOSED")
+# What happens to a connection.
+BEGIN, HEADERS, COMPLETE, ANSWERED, RESUMED, FAIL, CLOSE = range(7)
+
+TRANSITIONS = {
+    (OPEN, BEGIN): HEAD,
+    (IDLE, BEGIN): HEAD,
+    (WAIT, BEGIN): HEAD,        # pipelining: the next head arrives while answers are owed
+    (HEAD, HEADERS): BODY,
+    (BODY, COMPLETE): WAIT,
+    (WAIT, ANSWERED): IDLE,     # every answer written: the connection idles, kept alive
+    (HEAD, RESUMED): HEAD,      # reading resumed after we paused it: a fresh head deadline
+    (FAILED, ANSWERED): LINGER,  # the error's answer is written: drain for a moment
+}
+for _state in range(8):
+    TRANSITIONS[(_state, FAIL)] = FAILED  # whatever happened: answer it, then close
+    TRANSITIONS[(_state, CLOSE)] = CLOSED
+
+
+def deadlines(config) -> tuple:
+    """Seconds a connection may stay in each state, by state (None: no deadline)."""
+    by_state = {OPEN: config.header_timeout_s, IDLE: config.keepalive_s,
+                HEAD: config.header_timeout_s, BODY: config.body_timeout_s, WAIT: None,
+                FAILED: None, LINGER: LINGER_S, CLOSED: None}
+    return tuple(by_state[state] for state in range(8))
+
+
+class Context:
+    """What a connection may use: nothing else of the server."""
+
+    __slots__ = ("config", "handler", "writer", "loop", "metrics", "live", "connections",
+                 "deadlines")
+
+    def __init__(self, config, handler, writer, loop, metrics, live, connections: set):
+        self.config = config
+        self.handler = handler
+        self.writer = writer
+        self.loop = loop
+        self.metrics = metrics
+        self.live = live
+        self.connections = connections
+        self.deadlines = deadlines(config)
 
 
 class _StopParsing(Exception):
@@ -39,44 +97,74 @@ class _StopParsing(Exception):
 
 
 class Slot:
-    """One request's place in the answer order."""
+    """One request's place in the answer order, and what its access log line needs."""
 
-    __slots__ = ("data", "close")
+    __slots__ = ("data", "close", "method", "path", "headers", "started", "live")
 
-    def __init__(self) -> None:
+    def __init__(self, method: bytes, path: bytes, headers: dict, started: float,
+                 close: bool) -> None:
         self.data: bytes | None = None
-        self.close = False
+        self.close = close
+        self.method = method
+        self.path = path
+        self.headers = headers
+        self.started = started
+        self.live: LiveStream | None = None
 
 
 class HttpProtocol(asyncio.Protocol):
     __slots__ = (
-        "server", "config", "handler", "writer", "loop", "transport", "parser", "peer",
+        "ctx", "config", "handler", "writer", "loop", "transport", "parser", "peer",
         "_state", "_deadline", "_slots", "_closing", "_paused_reading", "_paused_writing",
         "_url", "_url_bytes", "_wire_bytes", "_header_bytes", "_header_count", "_headers",
-        "_content_length", "_chunked", "_upgrade", "_body", "_body_bytes", "_body_limit",
-        "_method", "_path", "_keep_alive", "_messages", "_head_limit", "_live_si",
-        "_backlog", "_eof",
+        "_hosts", "_content_length", "_chunked", "_upgrade", "_body", "_body_bytes",
+        "_body_limit", "_method", "_path", "_keep_alive", "_messages", "_head_limit",
+        "_backlog", "_eof", "_started", "_access_log",
     )
 
-    def __init__(self, server) -> None:
-        self.server = server
-        self.config = server.config
-        self.handler = server.handler
-        self.writer = server.writer
-        self.loop = server.loop
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
+        self.handler = ctx.handler
+        self.writer = ctx.writer
+        self.loop = ctx.loop
         self.transport = None
         self._slots: deque[Slot] = deque()
         self._closing = False
         self._paused_reading = False
         self._paused_writing = False
+        self._state = OPEN
         self._deadline: float | None = None
-        self._state = _IDLE
         self._messages = 0
         self._path = None
-        self._live_si = None
+        self._method = b""
+        self._started = 0.0
         self._backlog = b""  # input held back while max_pipelined answers are outstanding
         self._eof = False
         self._head_limit = self.config.max_url_bytes + self.config.max_header_bytes
+        self._access_log = self.config.access_log
+
+    # ------------------------------------------------------------------ state and deadline
+
+    def _to(self, event: int) -> None:
+        """The one place a connection's state and deadline change."""
+        state = TRANSITIONS[(self._state, event)]
+        self._state = state
+        timeout = self.ctx.deadlines[state]
+        self._deadline = None if timeout is None else self.loop.time() + timeout
+
+    def check_deadline(self, now: float) -> None:
+        """Called by the server's tick: close a connection whose deadline has passed."""
+        deadline = self._deadline
+        if deadline is not None and now >= deadline and self.transport is not None:
+            state = self._state
+            if state in (HEAD, BODY):
+                if self._slots:
+                    return  # answers are outstanding: the client is waiting on us
+                self.ctx.metrics.timed_out()
+            self._closing = True
+            self._to(CLOSE)
+            self.transport.close()
 
     # ------------------------------------------------------------------ connection
 
@@ -85,15 +173,14 @@ class HttpProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
         self.parser = httptools.HttpRequestParser(self)
-        self.server.connections.add(self)
-        self._deadline = self.loop.time() + self.config.header_timeout_s
+        self.ctx.connections.add(self)
+        self._state = OPEN
+        self._deadline = self.loop.time() + self.ctx.deadlines[OPEN]
         self._reset_message()
 
     def connection_lost(self, exc) -> None:
         self._closing = True
-        self.server.connections.discard(self)
-        if self._live_si is not None:
-            self.server.live.unsubscribe(self._live_si, self)
+        self.ctx.connections.discard(self)
         self._slots.clear()
         self.transport = None
 
@@ -122,7 +209,7 @@ class HttpProtocol(asyncio.Protocol):
     def _receive(self, data: bytes) -> None:
         state = self._state
         if self._closing:
-            if state == _LINGER:
+            if state == FAILED or state == LINGER:
                 self._wire_bytes += len(data)
                 if self._wire_bytes > self.config.max_batch_body_bytes:
                     self.transport.close()
@@ -131,12 +218,16 @@ class HttpProtocol(asyncio.Protocol):
         # are bounded here too: a read that began and ended inside one request's head (or
         # body) was all head (body) bytes. A read in which the part starts is not counted, so
         # the bound is a limit plus at most one read, and never a false refusal of pipelining.
-        if state == _HEAD or state == _BODY:
-            if state == _HEAD and self._wire_bytes > self._head_limit:
+        # The body's own size is bounded in on_body; here only its framing, on its own terms.
+        if state == HEAD or state == BODY:
+            if state == HEAD and self._wire_bytes > self._head_limit:
                 self._fail(FramingError(431, "request header fields too large"))
                 return
-            if state == _BODY and self._wire_bytes > 2 * self._body_limit + self._head_limit:
-                self._fail(FramingError(413, f"body larger than {self._body_limit} bytes"))
+            if state == BODY and self._wire_bytes - self._body_bytes > (
+                    FRAMING_PER_BODY_BYTE * self._body_bytes + FRAMING_SLACK):
+                self._fail(FramingError(400, "too much chunked framing for the body it carries "
+                                             f"(more than {FRAMING_PER_BODY_BYTE} bytes of "
+                                             "chunk sizes and extensions per body byte)"))
                 return
             message = self._messages
         try:
@@ -147,15 +238,18 @@ class HttpProtocol(asyncio.Protocol):
                 self._fail(cause)
             elif not isinstance(cause, _StopParsing):
                 self._fail(FramingError(500, "internal error"))
-                self.server.log_exception("request handling failed", cause)
+                log.error("request handling failed: %r", cause, exc_info=cause)
             return
         except httptools.HttpParserUpgrade:
             self._fail(FramingError(400, "protocol upgrade and CONNECT are not supported"))
             return
+        except httptools.HttpParserInvalidURLError as exc:
+            self._fail(FramingError(400, _bad_target_reason(exc, data)))
+            return
         except httptools.HttpParserError as exc:
             self._fail(FramingError(400, f"malformed HTTP request: {_parser_reason(exc)}"))
             return
-        if (state == _HEAD or state == _BODY) and self._state == state and self._messages == message:
+        if (state == HEAD or state == BODY) and self._state == state and self._messages == message:
             self._wire_bytes += len(data)
 
     def eof_received(self):
@@ -176,18 +270,6 @@ class HttpProtocol(asyncio.Protocol):
         self._paused_writing = False
         self._maybe_resume_reading()
 
-    def check_deadline(self, now: float) -> None:
-        """Called by the server's tick: close a connection whose deadline has passed."""
-        deadline = self._deadline
-        if deadline is not None and now >= deadline and self.transport is not None:
-            if self._slots and self._state in (_HEAD, _BODY):
-                return  # answers are outstanding: the client is waiting on us, not we on it
-            if self._state in (_HEAD, _BODY):
-                self.server.count_timeout()
-            self._closing = True
-            self._deadline = None
-            self.transport.close()
-
     # ------------------------------------------------------------------ httptools callbacks
 
     def _reset_message(self) -> None:
@@ -197,6 +279,7 @@ class HttpProtocol(asyncio.Protocol):
         self._header_bytes = 0
         self._header_count = 0
         self._headers = {}
+        self._hosts = 0
         self._content_length = None
         self._chunked = False
         self._upgrade = False
@@ -208,8 +291,8 @@ class HttpProtocol(asyncio.Protocol):
         if self._closing:
             raise _StopParsing
         self._messages += 1
-        self._state = _HEAD
-        self._deadline = self.loop.time() + self.config.header_timeout_s
+        self._to(BEGIN)
+        self._started = self.loop.time()
 
     def on_url(self, url: bytes) -> None:
         self._url_bytes += len(url)
@@ -224,7 +307,7 @@ class HttpProtocol(asyncio.Protocol):
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self.config.max_header_bytes:
             raise FramingError(431, "request header fields too large")
-        if self._state == _BODY:
+        if self._state == BODY:
             return  # a chunked trailer: counted, never used
         name = name.lower()
         if name == b"content-length":
@@ -237,6 +320,10 @@ class HttpProtocol(asyncio.Protocol):
             if self._chunked or value.strip().lower() != b"chunked":
                 raise FramingError(400, "unsupported Transfer-Encoding (only chunked)")
             self._chunked = True
+        elif name == b"host":
+            self._hosts += 1
+            if self._hosts > 1:
+                raise FramingError(400, "more than one Host header")
         elif name == b"upgrade":
             self._upgrade = True
         elif name in KEPT_HEADERS:
@@ -251,6 +338,8 @@ class HttpProtocol(asyncio.Protocol):
         version = parser.get_http_version()
         if version not in HTTP_VERSIONS:
             raise FramingError(505, "only HTTP/1.1 and HTTP/1.0 are supported")
+        if version == "1.1" and not self._hosts:
+            raise FramingError(400, "an HTTP/1.1 request needs a Host header")
         if self._upgrade or method == b"CONNECT":
             raise FramingError(400, "protocol upgrade and CONNECT are not supported")
         if self._chunked and self._content_length is not None:
@@ -262,9 +351,8 @@ class HttpProtocol(asyncio.Protocol):
                                     else self.config.max_body_bytes)
         if self._content_length is not None and self._content_length > limit:
             raise FramingError(413, f"body larger than {limit} bytes")
-        self._state = _BODY
+        self._to(HEADERS)
         self._wire_bytes = 0
-        self._deadline = self.loop.time() + self.config.body_timeout_s
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
@@ -276,60 +364,60 @@ class HttpProtocol(asyncio.Protocol):
         path, _, query = self._url.partition(b"?")
         body = b"".join(self._body) if self._body else b""
         close = not self._keep_alive
-        request = Request(self._method, path, query, self._headers, body, self.peer, close)
+        method, headers = self._method, self._headers
+        request = Request(method, path, query, headers, body, self.peer, close)
         self._reset_message()
-        self._state = _WAIT
-        self._deadline = None
+        self._to(COMPLETE)
         result = self.handler.handle(request)
         kind = type(result)
         if kind is bytes:
-            self.server.count(path, result[9:12], self.peer)
-            self._answer(result, close)
-        elif kind is IngestJob:
-            self._submit(result, close)
-        elif kind is Deferred:
-            self._defer(result, close, path)
+            if self._access_log or self._slots:
+                slot = Slot(method, path, headers, self._started, close)
+                slot.data = result
+                self._queue(slot)
+            else:  # the hot path of an answer ready at once: no slot
+                self.ctx.metrics.answered(path, result[9:12])
+                self._write(result, close)
         else:
-            self._start_live(result)
-            return
+            slot = Slot(method, path, headers, self._started, close)
+            if kind is IngestJob:
+                self._submit(slot, result)
+            elif kind is Deferred:
+                self._defer(slot, result)
+            else:
+                self._live(slot, result)
+                return
         if close:
             self._closing = True  # parse nothing after a request that ends the connection
 
     # ------------------------------------------------------------------ answers
 
-    def _answer(self, data: bytes, close: bool) -> None:
-        if not self._slots:
-            self._write(data, close)
-            return
-        slot = Slot()
-        slot.data = data
-        slot.close = close
+    def _queue(self, slot: Slot) -> None:
+        """A slot whose answer is ready: written now if nothing is owed before it."""
         self._slots.append(slot)
+        if len(self._slots) == 1:
+            self._flush()
 
-    def _submit(self, job: IngestJob, close: bool) -> None:
-        slot = Slot()
-        slot.close = close
+    def _submit(self, slot: Slot, job: IngestJob) -> None:
         if not self.writer.submit(job.values, self._committed, (slot, job)):
-            error = Unavailable("overloaded: too many events waiting for a commit",
-                                self.config.retry_after_s)
-            self.server.count(job.path, b"503", self.peer)
-            self._answer(http.error(503, error.reason, cors=True, headers=error.headers,
-                                    close=close), close)
+            slot.data = self.handler.answer(job, "overloaded", slot.close)
+            self._queue(slot)
             return
         self._slots.append(slot)
         if len(self._slots) >= self.config.max_pipelined:
             self._pause_reading()
 
-    def _defer(self, job: Deferred, close: bool, path: bytes) -> None:
-        slot = Slot()
-        slot.close = close
+    def _committed(self, arg, error, position: int) -> None:
+        slot, job = arg
+        slot.data = self.handler.answer(job, error, slot.close)
+        if self.transport is not None:
+            self._flush()
+
+    def _defer(self, slot: Slot, job: Deferred) -> None:
         self._slots.append(slot)
 
         def done(data: bytes) -> None:
-            if slot.close:
-                data = data.replace(b"\r\n\r\n", b"\r\n" + http.CLOSE + b"\r\n", 1)
             slot.data = data
-            self.server.count(path, data[9:12], self.peer)
             if self.transport is not None:
                 # An answer ready at once is written after the parser returns, never from
                 # inside its callback (flushing may feed the parser held-back input).
@@ -341,31 +429,33 @@ class HttpProtocol(asyncio.Protocol):
         if self.transport is not None:
             self._flush()
 
-    def _committed(self, arg, error, position: int) -> None:
-        slot, job = arg
-        if error is None:
-            slot.data = job.answer(slot.close)
-            self.server.count(job.path, b"200", self.peer)
-        else:
-            self.server.count(job.path, b"503", self.peer)
-            retry = self.config.retry_after_s
-            slot.data = http.error(503, f"storage unavailable: {error}", cors=True,
-                                   headers=(("Retry-After", str(retry)),), close=slot.close)
-        if self.transport is not None:
-            self._flush()
+    def _live(self, slot: Slot, stream: LiveStream) -> None:
+        """Answer with an event stream once the answers before it have left."""
+        self._closing = True  # no further requests on this connection
+        slot.live = stream
+        slot.data = http.SSE_HEAD + http.date_line() + b"\r\n: live\n\n"
+        self._queue(slot)
 
     def _flush(self) -> None:
         slots = self._slots
         out = []
         close = False
+        live = None
         while slots and slots[0].data is not None:
             slot = slots.popleft()
             out.append(slot.data)
+            self._answered(slot)
+            if slot.live is not None:
+                live = slot.live
+                break
             if slot.close:
                 close = True
                 break
         if out:
             self._write(b"".join(out) if len(out) > 1 else out[0], close)
+        if live is not None:
+            self._hand_over(live)
+            return
         if close:
             slots.clear()
             self._backlog = b""
@@ -383,80 +473,69 @@ class HttpProtocol(asyncio.Protocol):
                         self._closing = True
                         self.transport.close()
                     return
-            if self._state == _HEAD and self._paused_reading:
-                # The client waited on us, not we on it: its head gets a fresh deadline.
-                self._deadline = self.loop.time() + self.config.header_timeout_s
+            if self._state == HEAD and self._paused_reading:
+                self._to(RESUMED)  # the client waited on us, not we on it
             self._maybe_resume_reading()
+
+    def _answered(self, slot: Slot) -> None:
+        data = slot.data
+        status = data[9:12]
+        self.ctx.metrics.answered(slot.path, status)
+        if self._access_log:
+            client = self.handler.client_address(self.peer, slot.headers) or "-"
+            log.info("access %s %s %s %s %d %.2fms", client, escape(slot.method, 16),
+                     escape(slot.path), status.decode(), len(data),
+                     (self.loop.time() - slot.started) * 1000)
 
     def _write(self, data: bytes, close: bool) -> None:
         transport = self.transport
         transport.write(data)
         if close:
             self._closing = True
-            if self._state == _LINGER and transport.can_write_eof():
+            if self._state == FAILED and transport.can_write_eof():
                 # Unread request bytes would make the kernel reset the connection and the
                 # client could lose this answer: half-close, drain for a moment, then close.
                 transport.write_eof()
-                self._deadline = self.loop.time() + LINGER_S
+                self._to(ANSWERED)
                 self._paused_writing = False
                 self._maybe_resume_reading(force=True)
             else:
+                self._to(CLOSE)
                 transport.close()
-        elif not self._slots and self._state == _WAIT:
-            self._state = _IDLE
-            self._deadline = self.loop.time() + self.config.keepalive_s
+        elif not self._slots and self._state == WAIT:
+            self._to(ANSWERED)
 
-    # ------------------------------------------------------------------ live streams
-
-    def _start_live(self, stream) -> None:
-        """Turn this connection into a Server-Sent Events stream of one site's events."""
-        self._closing = True  # no further requests on this connection
-        self._state = _LIVE
-        # Bound the kernel's send buffer too, so a stalled reader's backlog shows up in the
-        # transport's buffer (which live_backlog measures) instead of hiding in the kernel.
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
-                                max(4096, min(self.config.live_buffer_bytes // 4, 1 << 20)))
-            except OSError:
-                pass
-        self._deadline = None
-        self._live_si = stream.si
-        self._answer(http.SSE_HEAD + http.date_line() + b"\r\n: live\n\n", False)
-        self.server.live.subscribe(stream.si, self, stream.last_id)
-
-    def live_backlog(self) -> int:
-        """Bytes owed to this subscriber and not yet sent."""
-        if self.transport is None:
-            return 0
-        return self.transport.get_write_buffer_size() + sum(
-            len(slot.data) for slot in self._slots if slot.data is not None)
-
-    def push_live(self, data: bytes) -> None:
-        if self.transport is not None:
-            self._answer(data, False)
-
-    def close_live(self) -> None:
-        if self._live_si is not None:
-            self.server.live.unsubscribe(self._live_si, self)
-        if self.transport is not None:
-            self.transport.abort()  # its buffer is what overflowed: drop it, do not drain it
+    def _hand_over(self, stream: LiveStream) -> None:
+        """This connection becomes a Server-Sent Events stream of one site's events."""
+        transport = self.transport
+        self._to(CLOSE)
+        self.ctx.connections.discard(self)
+        self.transport = None
+        self._slots.clear()
+        live = LiveConnection(self.ctx.live, self.config.live_buffer_bytes)
+        transport.set_protocol(live)
+        live.connection_made(transport)
+        self.ctx.connections.add(live)
+        live.on_lost = self.ctx.connections.discard
+        if self._paused_reading:
+            transport.resume_reading()  # the stream reads nothing, but must see the client go
+        live.subscribe(stream.si, stream.last_id)
 
     def _fail(self, error: HttpError) -> None:
         """Answer a request that cannot be parsed further, after those before it, and close."""
         self._closing = True
-        self._state = _LINGER
-        self._wire_bytes = 0
-        self._deadline = None
-        self.server.count(self._path or b"?", str(error.status).encode(), self.peer)
         path = self._path
         if path is None and self._url:  # refused before the head was complete
             url = b"".join(self._url) if type(self._url) is list else self._url
             path = url.partition(b"?")[0]
+        started = self._started if self._state in (HEAD, BODY) else self.loop.time()
+        self._to(FAIL)
+        self._wire_bytes = 0
         cors = not path or path in INGEST_PATHS or not path.startswith(b"/api/")
-        self._answer(http.error(error.status, error.reason, cors=cors, headers=error.headers,
-                                close=True), True)
+        slot = Slot(self._method or b"-", path or b"?", self._headers, started, True)
+        slot.data = http.error(error.status, error.reason, cors=cors, headers=error.headers,
+                               close=True)
+        self._queue(slot)
 
     # ------------------------------------------------------------------ flow control
 
@@ -474,16 +553,47 @@ class HttpProtocol(asyncio.Protocol):
         """Drain: answer what is in flight, then close; close idle connections now."""
         if self.transport is None:
             return
-        if self._state == _LIVE:
-            self.transport.close()
-        elif not self._slots and self._state in (_IDLE, _HEAD):
+        if not self._slots and self._state in (OPEN, IDLE, HEAD):
             self._closing = True
+            self._to(CLOSE)
             self.transport.close()
         elif self._slots:
             self._slots[-1].close = True
             self._closing = True
 
 
+def escape(raw: bytes, limit: int = 200) -> str:
+    """Request bytes made safe for a log line: printable ASCII only, the rest as \\xNN."""
+    text = "".join(c if " " < c <= "~" and c != "\\" else f"\\x{ord(c):02x}"
+                   for c in raw[:limit].decode("latin-1"))
+    return text + ("..." if len(raw) > limit else "")
+
+
 def _parser_reason(exc: Exception) -> str:
     text = str(exc) or type(exc).__name__
     return text.encode("ascii", "backslashreplace").decode("ascii")[:100]
+
+
+# Bytes a request target may hold as they are (RFC 3986 unreserved, reserved and '%').
+_TARGET_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+                          b"-._~:/?#[]@!$&'()*+,;=%")
+
+
+def _bad_target_reason(exc: Exception, data: bytes) -> str:
+    """Why a request target was refused, naming the byte and where it is, when this read
+    holds the request line (a raw UTF-8 property name is the usual cause)."""
+    part = "query" if "query" in str(exc) else "path"
+    advice = ("percent-encode property names and values as UTF-8 (ä is %C3%A4, a space %20)")
+    for line in data.split(b"\r\n"):
+        method, space, rest = line.partition(b" ")
+        if not space or not rest.startswith(b"/"):
+            continue
+        target = rest.rsplit(b" HTTP/", 1)[0] if b" HTTP/" in rest else rest
+        for offset, byte in enumerate(target):
+            if byte not in _TARGET_BYTES:
+                shown = target[max(0, offset - 20):offset].decode("ascii", "replace")
+                return (f"the request target holds byte 0x{byte:02X} at offset {offset} "
+                        f"(in the {part}, after {shown!r}), which must be percent-encoded: "
+                        f"{advice}")
+        break
+    return f"the request target holds a byte that must be percent-encoded (in the {part}): {advice}"

@@ -24,37 +24,11 @@ from .live import LiveHub
 from .metrics import Metrics, read_snapshots, render, write_snapshot
 from .model import entry_ts, now_ms
 from .notify import Notifier
-from .protocol import HttpProtocol
+from .protocol import Context, HttpProtocol
 from .store import Store
 from .writer import Writer
 
 log = logging.getLogger("otserver")
-
-ENDPOINTS = {path: path.decode() for path in
-             (b"/", b"/batch", b"/pixel.gif", b"/healthz", b"/readyz", b"/metrics")}
-REFUSAL_CLASSES = {
-    b"400": "bad_request", b"401": "unauthorized", b"403": "forbidden", b"404": "not_found",
-    b"405": "method_not_allowed", b"413": "body_too_large", b"414": "url_too_long",
-    b"415": "unsupported_media_type", b"431": "headers_too_large", b"500": "internal_error",
-    b"503": "unavailable", b"505": "http_version",
-}
-
-
-def _api_endpoint(path: bytes) -> str:
-    parts = path.split(b"/")
-    if len(parts) >= 4 and parts[1] == b"api" and parts[2] == b"v1":
-        name = parts[3].decode("ascii", "replace")
-        if name in ("events", "sessions", "users", "stats", "live"):
-            return f"/api/v1/{name}" + ("/{id}" if len(parts) > 4 else "")
-    return "other"
-
-
-def escape(raw: bytes, limit: int = 200) -> str:
-    """Request bytes made safe for a log line: printable ASCII only, the rest as \\xNN."""
-    text = "".join(c if " " < c <= "~" and c != "\\" else f"\\x{ord(c):02x}"
-                   for c in raw[:limit].decode("latin-1"))
-    return text + ("..." if len(raw) > limit else "")
-
 
 class Server:
     """What every connection shares: config, handler, writer, views watch, counters."""
@@ -75,7 +49,10 @@ class Server:
         self.api = Api(store.log, store.views, config, watch=self.watch, pool=self.pool,
                        writer=self.writer)
         self.live = LiveHub(store.log, loop, config.live_buffer_bytes, replay=self.api.replay)
-        self.handler = Handler(config, self.writer, self.api, ops=self, watch=self.watch)
+        self.handler = Handler(config, self.api, not_ready=self.not_ready,
+                               metrics_text=self.metrics_text, watch=self.watch)
+        self.context = Context(config, self.handler, self.writer, loop, self.metrics, self.live,
+                               self.connections)
         self._logged_refusals: Counter = Counter()
         self._next_log = 0.0
 
@@ -85,20 +62,6 @@ class Server:
         self.live.committed()
 
     # ------------------------------------------------------------------ operations
-
-    def count(self, path: bytes, status: bytes, peer: str | None = None) -> None:
-        """One answer sent (or refused at the transport): by endpoint and status."""
-        if self.config.access_log and peer is not None:
-            log.info("access %s %s %s", peer, escape(path), status.decode())
-        endpoint = ENDPOINTS.get(path)
-        if endpoint is None:
-            endpoint = _api_endpoint(path)
-        self.metrics.requests[endpoint + " " + status.decode()] += 1
-        if status[0] >= 0x34:  # 4xx and 5xx
-            self.metrics.refusals[REFUSAL_CLASSES.get(status, status.decode())] += 1
-
-    def count_timeout(self) -> None:
-        self.metrics.refusals["timeout"] += 1
 
     def writer_problem(self) -> str | None:
         """Why the log cannot take appends now, or None (what the watchdog pings follow)."""
@@ -114,7 +77,7 @@ class Server:
         return self.writer_problem() or self.watch.problem()
 
     def metrics_text(self) -> bytes:
-        own = self.metrics.snapshot(self)
+        own = self._snapshot()
         snapshots = read_snapshots(self.metrics_dir, os.getpid(), own)
         store = self.store
         store_info = {"max_bytes": store.max_bytes}
@@ -127,6 +90,9 @@ class Server:
                  "lag_seconds": max(0.0, now_ms() - entry_ts(raw)) / 1000 if raw else 0.0,
                  "folder_up": folder_running(self.config.data_dir)}
         return render(snapshots, store_info, read_folder_snapshot(self.metrics_dir), views)
+
+    def _snapshot(self) -> dict:
+        return self.metrics.snapshot(self.writer, len(self.connections), self.live)
 
     def _log_refusals(self) -> None:
         """A line a minute at most with the refusals since the last one, by class."""
@@ -162,14 +128,11 @@ class Server:
         if self.workers > 1 and now >= self._next_snapshot and self.writer_problem() is None:
             # Fresh only while healthy: the supervisor's watchdog reads its age.
             self._next_snapshot = now + 1.0
-            write_snapshot(self.metrics_dir, self.metrics.snapshot(self))
+            write_snapshot(self.metrics_dir, self._snapshot())
         self._tick_handle = self.loop.call_later(self._tick_s, self._tick)
 
     def stop_clock(self) -> None:
         self._tick_handle.cancel()
-
-    def log_exception(self, message: str, exc: BaseException | None) -> None:
-        log.error("%s: %r", message, exc, exc_info=exc)
 
 
 async def serve(config, *, workers: int = 1, notifier=None, folder=None) -> int:
@@ -188,7 +151,7 @@ async def serve(config, *, workers: int = 1, notifier=None, folder=None) -> int:
     try:
         # Only a supervisor's workers share a port; a lone server must own it.
         listener = await loop.create_server(
-            lambda: HttpProtocol(server), config.host, config.port, ssl=tls,
+            lambda: HttpProtocol(server.context), config.host, config.port, ssl=tls,
             backlog=4096, reuse_address=True, reuse_port=workers > 1)
     except OSError as exc:
         await server.writer.close()

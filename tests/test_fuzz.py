@@ -25,7 +25,6 @@ import json
 import re
 import select
 import socket
-import time
 from urllib.parse import quote, quote_plus
 
 import pytest
@@ -582,8 +581,17 @@ def test_valid_then_malformed_then_half_close_answers_the_stored_event(fuzz_serv
     assert eids_of(answers) == sorted(stored)
 
 
-def test_server_survives_the_fuzz(fuzz_server):
-    """Runs after the fuzz tests in this module: still alive, still storing, no tracebacks."""
+def test_the_server_survives_a_fuzz_burst_with_no_traceback(fuzz_server):
+    """Its own burst of mutated and random requests (so it passes or fails on its own, in any
+    order, on any worker), then: still alive, still storing, no traceback in its log."""
+    @settings(max_examples=60, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(data=st.one_of(mutated_requests(), random_requests()))
+    def burst(data):
+        assume(b"HEAD" not in data.upper())
+        check_one_exchange(fuzz_server, data)
+
+    burst()
     eid = sentinel(fuzz_server)
     assert eid in set(fuzz_server.event_ids())
     log = fuzz_server.log()

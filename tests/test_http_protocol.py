@@ -762,107 +762,16 @@ def test_chunked_batch_works(server):
 
 
 # --------------------------------------------------------------------------- timeouts
+# Each deadline is tested in tests/protocol/ over a fake clock; here only that the server's
+# clock really enforces them on a socket.
 
-def test_bare_number_durations_are_seconds(make_server):
-    # config.parse_duration documents "a bare number is seconds".
-    srv = make_server("--header-timeout", "1", "--keepalive", "1")
-    assert srv.track(si=SITE).status == 200
-
-
-def test_slowloris_half_request_line_is_closed_after_the_header_timeout(make_server):
-    srv = make_server("--header-timeout", "1s")
+def test_the_server_clock_closes_a_slowloris_at_the_header_timeout(make_server):
+    srv = make_server("--header-timeout", "300ms")
     with srv.connect() as sock:
-        sock.sendall(b"GET /?si=slow")
-        started = time.monotonic()
-        # Trickle a byte now and then: that must not extend the header deadline.
-        closed_after = None
-        while time.monotonic() - started < 4:
-            closed_after = closed_within(sock, 0.3)
-            if closed_after is not None:
-                closed_after = time.monotonic() - started
-                break
-            try:
-                sock.sendall(b"w")
-            except (BrokenPipeError, ConnectionResetError):
-                closed_after = time.monotonic() - started
-                break
-    assert closed_after is not None, "still open 4 s after a half request line"
-    assert 0.7 <= closed_after <= 3.0, closed_after
-    assert_nothing_stored(srv)
-
-
-def test_connection_sending_nothing_is_closed_after_the_header_timeout(make_server):
-    srv = make_server("--header-timeout", "1s")
-    with srv.connect() as sock:
-        after = closed_within(sock, 4.0)
-    assert after is not None and 0.7 <= after <= 3.0, after
-
-
-def test_headers_never_finished_are_closed_after_the_header_timeout(make_server):
-    srv = make_server("--header-timeout", "1s")
-    with srv.connect() as sock:
-        sock.sendall(b"GET /?si=a HTTP/1.1\r\nHost: x\r\nX-A: b\r\n")  # no blank line
-        after = closed_within(sock, 4.0)
-    assert after is not None and 0.7 <= after <= 3.0, after
-    assert_nothing_stored(srv)
-
-
-def test_idle_keep_alive_is_closed_after_keepalive(make_server):
-    srv = make_server("--header-timeout", "1s", "--keepalive", "1s")
-    with srv.connect() as sock:
-        sock.sendall(track_request())
-        resp = read_response(sock)
-        assert resp.status == 200
-        after = closed_within(sock, 4.0)
-    assert after is not None and 0.7 <= after <= 3.0, after
-    assert stored_eids(srv) == {resp.body.decode()}
-
-
-def test_keep_alive_within_the_timeout_stays_open(make_server):
-    srv = make_server("--header-timeout", "3s", "--keepalive", "3s")
-    with srv.connect() as sock:
-        eids = []
-        for _ in range(3):
-            sock.sendall(track_request())
-            resp = read_response(sock)
-            assert resp.status == 200
-            eids.append(resp.body.decode())
-            time.sleep(0.5)
-    assert stored_eids(srv) == set(eids)
-
-
-def test_idle_keep_alive_shorter_than_the_header_timeout_is_closed_on_time(make_server):
-    srv = make_server("--keepalive", "1s")  # header timeout stays at its default 10 s
-    with srv.connect() as sock:
-        sock.sendall(track_request())
-        resp = read_response(sock)
-        assert resp.status == 200
+        sock.sendall(b"GET /?si=slow HTTP/1.1\r\nHo")
         after = closed_within(sock, 3.0)
-    assert after is not None and after <= 2.5, "idle keep-alive still open 3 s after --keepalive 1s"
-
-
-def test_slowloris_on_a_reused_keep_alive_connection_is_closed_after_the_header_timeout(
-        make_server):
-    srv = make_server("--header-timeout", "0.5s", "--keepalive", "3s")
-    with srv.connect() as sock:
-        sock.sendall(track_request())
-        resp = read_response(sock)
-        assert resp.status == 200
-        time.sleep(0.7)  # idle, within keep-alive
-        sock.sendall(b"GET /?si=slow HT")  # half a request, never finished
-        after = closed_within(sock, 2.5)
-    assert after is not None and after <= 1.5, (
-        f"half request on a reused connection still open after {after or '2.5+'} s; "
-        "header timeout is 0.5 s")
-    assert stored_eids(srv) == {resp.body.decode()}
-
-
-def test_body_never_finished_is_closed_after_the_body_timeout(make_server):
-    srv = make_server("--body-timeout", "1s")
-    with srv.connect() as sock:
-        sock.sendall(form_post("/", b"", content_length=100) + b"si=a")
-        after = closed_within(sock, 3.0)
-    assert after is not None and after <= 2.5, "half body still open 3 s after --body-timeout 1s"
+    assert after is not None and 0.2 <= after <= 1.5, after
+    assert_nothing_stored(srv)
 
 
 # --------------------------------------------------------------------------- many properties
