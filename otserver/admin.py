@@ -11,6 +11,7 @@ import sys
 import time
 
 from .api import new_token, token_digest, token_id
+from .config import format_setting
 from .folder import catch_up, folder_running
 from .model import LogEntry, entry_ts, now_ms
 from .sweeper import sweep_all
@@ -106,7 +107,8 @@ def print_info(store, *, as_json: bool = False, out=sys.stdout) -> int:
         print(f"{name + ' file':<13} {env['file_bytes'] / mib:.1f} MiB "
               f"({env['disk_bytes'] / mib:.1f} MiB on disk, {env['used_bytes'] / mib:.1f} MiB "
               f"in use of a {env['map_bytes'] / mib:.0f} MiB map)", file=out)
-    print(f"size cap      {data['max_store_bytes'] / mib:.0f} MiB per environment", file=out)
+    print(f"size cap      {format_setting('max_store_bytes', data['max_store_bytes'])} per "
+          "environment", file=out)
     for label, key in (("oldest event", "oldest_event"), ("newest event", "newest_event")):
         event = data[key]
         when = f"{event['eid']} at {format_time(event['unixtimestamp'])}" if event else "-"

@@ -253,7 +253,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
                     print(json.dumps(row))
                 else:
                     print(f"{row['id']}  {row['site']}  created "
-                          f"{admin.format_time(row['created'])}  {row['label']}")
+                          f"{admin.format_time(row['created'])}  {row['label']}".rstrip())
         elif args.token_command == "revoke":
             removed = admin.revoke_token(store.log, args.id)
             if not removed:

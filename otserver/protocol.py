@@ -65,6 +65,8 @@ TRANSITIONS = {
 for _state in range(8):
     TRANSITIONS[(_state, FAIL)] = FAILED  # whatever happened: answer it, then close
     TRANSITIONS[(_state, CLOSE)] = CLOSED
+# The same table as lists, NEXT[state][event] (None: impossible), for the per-request path.
+NEXT = [[TRANSITIONS.get((state, event)) for event in range(7)] for state in range(8)]
 
 
 def deadlines(config) -> tuple:
@@ -119,7 +121,7 @@ class HttpProtocol(asyncio.Protocol):
         "_url", "_url_bytes", "_wire_bytes", "_header_bytes", "_header_count", "_headers",
         "_hosts", "_content_length", "_chunked", "_upgrade", "_body", "_body_bytes",
         "_body_limit", "_method", "_path", "_keep_alive", "_messages", "_head_limit",
-        "_backlog", "_eof", "_started", "_access_log",
+        "_backlog", "_eof", "_started", "_access_log", "_deadlines",
     )
 
     def __init__(self, ctx: Context) -> None:
@@ -143,14 +145,17 @@ class HttpProtocol(asyncio.Protocol):
         self._eof = False
         self._head_limit = self.config.max_url_bytes + self.config.max_header_bytes
         self._access_log = self.config.access_log
+        self._deadlines = ctx.deadlines
 
     # ------------------------------------------------------------------ state and deadline
 
     def _to(self, event: int) -> None:
         """The one place a connection's state and deadline change."""
-        state = TRANSITIONS[(self._state, event)]
+        state = NEXT[self._state][event]
+        if state is None:
+            raise RuntimeError(f"no transition from {STATE_NAMES[self._state]} on event {event}")
         self._state = state
-        timeout = self.ctx.deadlines[state]
+        timeout = self._deadlines[state]
         self._deadline = None if timeout is None else self.loop.time() + timeout
 
     def check_deadline(self, now: float) -> None:
@@ -292,7 +297,8 @@ class HttpProtocol(asyncio.Protocol):
             raise _StopParsing
         self._messages += 1
         self._to(BEGIN)
-        self._started = self.loop.time()
+        if self._access_log:
+            self._started = self.loop.time()
 
     def on_url(self, url: bytes) -> None:
         self._url_bytes += len(url)
