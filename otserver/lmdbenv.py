@@ -139,7 +139,7 @@ class Environment:
             except lmdb.Error as exc:
                 if txn is not None:
                     txn.abort()
-                if _is_disk_full(exc):
+                if _is_disk_full(exc, self.path):
                     raise StoreFull(f"disk full: {exc}") from exc
                 raise StoreFailed(str(exc)) from exc
             except BaseException:
@@ -159,5 +159,19 @@ def file_size(path: str) -> int:
         return 0
 
 
-def _is_disk_full(exc: lmdb.Error) -> bool:
-    return getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)
+# Free bytes under which an I/O error is taken for a full disk: LMDB reports a short write
+# (the filesystem filled up inside a commit's write) as EIO, not ENOSPC.
+NEARLY_FULL_BYTES = 1 << 20
+
+
+def _is_disk_full(exc: lmdb.Error, path: str) -> bool:
+    code = getattr(exc, "errno", None)
+    if code == errno.ENOSPC or "No space left" in str(exc):
+        return True
+    if code == errno.EIO or "Input/output error" in str(exc):
+        try:
+            stat = os.statvfs(path)
+        except OSError:
+            return False
+        return stat.f_bavail * stat.f_frsize < NEARLY_FULL_BYTES
+    return False

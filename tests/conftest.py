@@ -315,6 +315,40 @@ def server(make_server) -> RunningServer:
     return make_server()
 
 
+class FreshView:
+    """A server shared by a module's tests, seen by one test as if it were new: `event_ids`
+    and `counts()["events"]` hold only what was stored after the test began. (A sentinel
+    event, awaited, marks the start: whatever earlier tests submitted is committed before it.)
+    Everything else is the shared server's own."""
+
+    def __init__(self, server: RunningServer):
+        self._server = server
+        assert server.proc.poll() is None, "the shared server died in an earlier test"
+        assert server.track(si="fresh-view.sentinel").status == 200
+        deadline = time.monotonic() + 10
+        while True:  # until the views have folded the sentinel too
+            store = Store(str(server.data_dir), readonly=True)
+            try:
+                folded = store.views.watermark() >= store.log.last_position()
+                self._before_ids = len(store.event_ids())
+                self._before = store.counts()
+            finally:
+                store.close()
+            if folded or time.monotonic() > deadline:
+                break
+            time.sleep(0.005)
+
+    def __getattr__(self, name):
+        return getattr(self._server, name)
+
+    def event_ids(self) -> list[str]:
+        return self._server.event_ids()[self._before_ids:]
+
+    def counts(self) -> dict:
+        return {key: value - self._before.get(key, 0)
+                for key, value in self._server.counts().items()}
+
+
 @pytest.fixture(scope="module")
 def shared_server(tmp_path_factory):
     """One server for a module's read-only or additive tests (faster than one per test)."""

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import parse_responses, read_response
+from conftest import FreshView, RunningServer, parse_responses, read_response
 
 SITE = "proto.test"
 SMUGGLED = b"GET /?si=smuggled.test HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -24,6 +24,21 @@ MIB = 1024 * KIB
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory):
+    server = RunningServer(tmp_path_factory.mktemp("protocol") / "otdata").start()
+    yield server
+    assert server.stop() == 0
+    assert "Traceback" not in server.log(), server.log()[-3000:]
+
+
+@pytest.fixture
+def server(module_server) -> FreshView:
+    """One server for the module (its tests only add events): each test sees what it stored."""
+    return FreshView(module_server)
+
 
 def request(method: str, target: str, headers=(), body: bytes = b"", version: str = "1.1",
             content_length: bool | int = True) -> bytes:
