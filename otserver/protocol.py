@@ -390,9 +390,11 @@ class HttpProtocol(asyncio.Protocol):
                 self._submit(slot, result)
             elif kind is Deferred:
                 self._defer(slot, result)
-            else:
+            elif kind is LiveStream:
                 self._live(slot, result)
                 return
+            else:
+                raise TypeError(f"the handler answered with a {kind.__name__}")
         if close:
             self._closing = True  # parse nothing after a request that ends the connection
 

@@ -160,6 +160,19 @@ class RunningServer:
             store.close()
 
 
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02):
+    """Poll `predicate` until it returns something true (returned), or fail after `timeout`:
+    instead of sleeping for a time that is too long on a fast machine, too short on a slow one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {timeout} s: {predicate}")
+        time.sleep(interval)
+
+
 def run_cli(*args, timeout: float = 60, stdin: str | None = None) -> subprocess.CompletedProcess:
     """`otserver ARGS...` as a user runs it: its exit code, stdout and stderr."""
     return subprocess.run([sys.executable, "-m", "otserver", *args], capture_output=True,

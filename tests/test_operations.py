@@ -14,7 +14,7 @@ import time
 
 import lmdb
 import pytest
-from conftest import read_response
+from conftest import read_response, wait_until
 
 
 @pytest.fixture
@@ -129,10 +129,11 @@ def test_two_workers_serve_one_port_replace_a_killed_worker_and_add_up_metrics(m
     assert len(pids) == 2
     for i in range(40):  # fresh connections: the kernel spreads them over both workers
         assert server.track(si="w", sid=f"s{i}").status == 200
-    time.sleep(1.5)  # snapshots are written once a second
-    text = server.get("/metrics").text
-    match = re.search(r'otserver_requests_total\{endpoint="/",status="200"\} (\d+)', text)
-    assert match and int(match.group(1)) == 40, text
+    def counted_40() -> str | None:  # each worker writes its snapshot once a second
+        text = server.get("/metrics").text
+        match = re.search(r'otserver_requests_total\{endpoint="/",status="200"\} (\d+)', text)
+        return text if match and int(match.group(1)) == 40 else None
+    text = wait_until(counted_40, timeout=5)
     assert re.search(r"^otserver_events_stored_total 40$", text, re.M), text
     os.kill(pids[0], signal.SIGKILL)
     deadline = time.monotonic() + 10
@@ -214,7 +215,7 @@ def test_access_log_escapes_request_data(make_server):
     server = make_server("--access-log")
     server.raw(b'GET /x"y%0a\\ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
     server.track(si="a", sid="b")
-    time.sleep(0.2)
+    wait_until(lambda: server.log().count(" access ") >= 2)
     lines = [line for line in server.log().splitlines() if " access " in line]
     # client as stored (anonymised), method, path (escaped), status, bytes, duration
     assert any(re.search(r' access 127\.0\.0\.0 GET /x"y%0a\\x5c 404 \d+ \d+\.\d\dms$', line)
