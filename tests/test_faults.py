@@ -21,7 +21,7 @@ from urllib.parse import quote, urlencode
 
 import lmdb
 import pytest
-from conftest import parse_responses, read_response
+from conftest import parse_responses, read_response, wait_until
 from storecheck import check_consistent, log_events, wait_caught_up
 
 SITE = "faults"
@@ -303,8 +303,20 @@ def test_a_full_disk_refuses_with_503_stores_nothing_partial_and_recovers_by_its
     assert refused.headers.get("access-control-allow-origin") == "*"
     assert len(acked) > 100
     print(f"disk full after {len(acked)} acknowledged events: {refused.text!r}")
-    # More refusals, a batch among them: every one is 503 and nothing of any is stored.
-    more = [server.track(si=SITE, sid="refused", n=f"r{i}", blob="x" * 1500) for i in range(5)]
+    # More refusals, a batch among them: every one is 503 and nothing of any is stored. (With
+    # no reserve the filesystem's last pages may still take a smaller commit or two: LMDB
+    # saw a short write. Those are acknowledged and kept; then five refusals in a row.)
+    more, late = [], []
+    for i in range(300):
+        resp = server.track(si=SITE, sid="probe", n=f"r{i}", blob="x" * 1500)
+        if resp.status == 200:
+            assert reserve == "0", "with the reserve, the writer refuses every append"
+            late.append(resp.text)
+            more.clear()
+            continue
+        more.append(resp)
+        if len(more) == 5:
+            break
     assert [r.status for r in more] == [503] * 5
     lines = "\n".join(f"sid=refused&n=b{i}&blob={'y' * 1500}" for i in range(50))
     batch = server.post(f"/batch?si={SITE}", lines)
@@ -314,7 +326,7 @@ def test_a_full_disk_refuses_with_503_stores_nothing_partial_and_recovers_by_its
     assert server.proc.poll() is None and server.proc.pid == pid
     assert server.get("/healthz").status == 200
     logged = {entry.eid: entry for entry in log_events(server.data_dir)}
-    assert set(logged) == set(acked)
+    assert set(logged) == set(acked) | set(late)
     assert not [e for e in logged.values() if e.sid == "refused"]
     for eid in (acked[0], acked[len(acked) // 2], acked[-1]):
         assert server.api(f"/api/v1/events/{eid}?si={SITE}", token).status == 200
@@ -341,7 +353,7 @@ def test_a_full_disk_refuses_with_503_stores_nothing_partial_and_recovers_by_its
     assert server.proc.poll() is None and server.proc.pid == pid
     assert server.get("/readyz").status == 200
     events = _check_consistent(server.data_dir)
-    assert set(events) == set(acked) | {resumed.text} | {r.text for r in later}
+    assert set(events) == set(acked) | set(late) | {resumed.text} | {r.text for r in later}
     assert server.stop() == 0
 
 
@@ -526,8 +538,7 @@ def test_a_killed_log_writer_is_replaced_and_loses_nothing_acknowledged(make_ser
                 time.sleep(0.02)
             assert _writer_of(server) not in (None, victim), "no new log writer"
             during = sum(len(c.acked) for c in clients)
-            time.sleep(0.5)
-            assert sum(len(c.acked) for c in clients) > during + 20, "ingest did not resume"
+            wait_until(lambda: sum(len(c.acked) for c in clients) > during + 20, timeout=10)
     finally:
         stop.set()
         for client in clients:
