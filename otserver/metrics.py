@@ -67,10 +67,16 @@ class Metrics:
         self.refusals: Counter = Counter()  # reason class -> n
         self.commit_events = Histogram(COMMIT_SIZE_BUCKETS)
         self.commit_seconds = Histogram(COMMIT_SECONDS_BUCKETS)
+        self._labels: dict = {}  # (path, status) -> its counter label
 
     def answered(self, path: bytes, status: bytes) -> None:
         """One answer sent (or a refusal at the transport), by endpoint and status."""
-        self.requests[endpoint(path) + " " + status.decode()] += 1
+        label = self._labels.get((path, status))
+        if label is None:  # once per path and status (a bounded number of them kept)
+            label = endpoint(path) + " " + status.decode()
+            if len(self._labels) < 1024:
+                self._labels[(path, status)] = label
+        self.requests[label] += 1
         if status[0] >= 0x34:  # 4xx and 5xx
             self.refusals[REFUSAL_CLASSES.get(status, status.decode())] += 1
 
