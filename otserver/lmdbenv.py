@@ -4,7 +4,9 @@ safely from several threads of one process and from several processes. No asynci
 Invariants:
 - The map grows by itself (doubling) up to `max_bytes`; past that a write raises StoreFull.
   A map grown by a sibling process is adopted (MapResizedError).
-- Resizing needs no transaction open in this process: reads and the resize share `_resize_lock`.
+- Resizing needs no transaction open in this process: read transactions share a `_Gate`
+  (any number at once, on any thread) and a resize waits until none is open. (A plain lock
+  around every read serialised the reader threads with the event loop's own reads.)
 - A write either commits whole or raises StoreFull / StoreFailed with nothing stored.
 - `schema` is checked at open: a writable open of an empty environment records it; any other
   value is refused with SchemaError.
@@ -43,7 +45,7 @@ class Environment:
             path, map_size=max(initial_bytes, existing), max_dbs=len(names) + 2,
             readonly=readonly, sync=sync, metasync=metasync, readahead=False, meminit=False,
             max_readers=1024, max_spare_txns=8, create=not readonly)
-        self._resize_lock = threading.Lock()
+        self._gate = _Gate()
         options = {name: {"dupsort": True} if name in dupsort else {} for name in names}
         if readonly:  # handles opened in a read transaction die with it: open them bare
             self.db = {name: self.env.open_db(name.encode(), create=False, **options[name])
@@ -92,12 +94,12 @@ class Environment:
         current = self.map_size()
         if current >= self.max_bytes:
             raise StoreFull(f"store is at its size cap ({self.max_bytes} bytes)")
-        with self._resize_lock:
+        with self._gate.resizing():
             self.env.set_mapsize(min(self.max_bytes, current * 2))
 
     def _adopt_size(self) -> None:
         """A sibling process grew the map: take its size."""
-        with self._resize_lock:
+        with self._gate.resizing():
             self.env.set_mapsize(0)
 
     # ------------------------------------------------------------------ transactions
@@ -105,17 +107,19 @@ class Environment:
     @contextmanager
     def read(self):
         """A read transaction; the map is not resized while it is open."""
-        with self._resize_lock:
-            while True:
+        while True:
+            with self._gate.reading():
                 try:
                     txn = self.env.begin(buffers=False)
-                    break
                 except lmdb.MapResizedError:
-                    self.env.set_mapsize(0)
-            try:
-                yield txn
-            finally:
-                txn.abort()
+                    txn = None
+                if txn is not None:
+                    try:
+                        yield txn
+                    finally:
+                        txn.abort()
+                    return
+            self._adopt_size()  # a sibling grew the map: take its size, then begin again
 
     def write(self, apply, *args):
         """Run apply(txn, *args) in one write transaction and commit it, growing the map as
@@ -150,6 +154,46 @@ class Environment:
     def entries(self, name: str) -> int:
         with self.read() as txn:
             return txn.stat(self.db[name])["entries"]
+
+
+class _Gate:
+    """Shared for read transactions, exclusive for a resize: `reading()` may be held by any
+    number of threads at once; `resizing()` waits until none holds it, and holds new readers
+    off meanwhile."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._resizing = False
+
+    @contextmanager
+    def reading(self):
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def resizing(self):
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._resizing = True
+            while self._readers:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._resizing = False
+                self._cond.notify_all()
 
 
 def file_size(path: str) -> int:

@@ -351,7 +351,7 @@ def test_a_full_disk_refuses_with_503_stores_nothing_partial_and_recovers_by_its
     later = [server.track(si=SITE, sid="after", blob="z" * 1500) for _ in range(50)]
     assert [r.status for r in later] == [200] * 50
     assert server.proc.poll() is None and server.proc.pid == pid
-    assert server.get("/readyz").status == 200
+    wait_until(lambda: server.get("/readyz").status == 200)  # a folder that failed is back
     events = _check_consistent(server.data_dir)
     assert set(events) == set(acked) | set(late) | {resumed.text} | {r.text for r in later}
     assert server.stop() == 0
