@@ -11,7 +11,8 @@ import ipaddress
 
 from . import http
 from .errors import BadRequest, HttpError, Unavailable
-from .model import EidGenerator, make_event, now_ms, parse_properties
+from .model import (EidGenerator, json_properties, make_event, now_ms, parse_json,
+                    parse_properties)
 
 INGEST_PATHS = {
     b"/": b"GET, POST, OPTIONS",
@@ -20,6 +21,7 @@ INGEST_PATHS = {
 }
 OPS_PATHS = frozenset((b"/healthz", b"/readyz", b"/metrics"))
 FORM_TYPES = (b"", b"application/x-www-form-urlencoded", b"text/plain")
+JSON_TYPE = b"application/json"
 
 
 class Request:
@@ -166,8 +168,10 @@ class Handler:
         else:
             props = parse_properties(req.query, config)
             if method == b"POST":
-                self._check_form(req)
-                parse_properties(req.body.rstrip(b"\r\n"), config, props)
+                if self._body_type(req) == JSON_TYPE:
+                    json_properties(parse_json(req.body), config, props)
+                else:
+                    parse_properties(req.body.rstrip(b"\r\n"), config, props)
             event = make_event(props, captured, self.eids, now_ms(), config)
             job = IngestJob([event], KIND_PIXEL if path == b"/pixel.gif" else KIND_TEXT, path)
         if self.watch is not None and self.watch.over_lag():
@@ -176,29 +180,42 @@ class Handler:
         return job
 
     def _batch_events(self, req: Request, captured):
-        self._check_form(req)
+        """Every event of a batch, or a refusal naming the line (or JSON item) at fault."""
         config = self.config
         defaults = parse_properties(req.query, config)
-        lines = [(number, line) for number, line in enumerate(req.body.splitlines(), 1) if line]
-        if not lines:
-            raise BadRequest("empty batch: send one url-encoded property set per line")
-        if len(lines) > config.max_batch_events:
+        if self._body_type(req) == JSON_TYPE:
+            items = parse_json(req.body)
+            if not isinstance(items, list):
+                raise BadRequest("a JSON batch is an array of event objects: [{...}, {...}]")
+            parts = list(enumerate(items, 1))
+            parse, where = json_properties, "item"
+        else:
+            parts = [(number, line) for number, line in enumerate(req.body.splitlines(), 1)
+                     if line]
+            parse, where = parse_properties, "line"
+        if not parts:
+            raise BadRequest("empty batch: send one url-encoded property set per line, or a "
+                             "JSON array of event objects")
+        if len(parts) > config.max_batch_events:
             raise BadRequest(f"too many events in one batch: at most {config.max_batch_events}")
         events = []
         ts = now_ms()
-        for number, line in lines:
+        for number, part in parts:
             try:
-                props = parse_properties(line, config, dict(defaults))
+                props = parse(part, config, dict(defaults))
                 events.append(make_event(props, captured, self.eids, ts, config))
             except BadRequest as exc:
-                raise BadRequest(f"line {number}: {exc.reason}") from None
+                raise BadRequest(f"{where} {number}: {exc.reason}") from None
         return events
 
     @staticmethod
-    def _check_form(req: Request) -> None:
+    def _body_type(req: Request) -> bytes:
+        """The body's media type: a form, text (as sendBeacon sends), or JSON; else 415."""
         ctype = req.headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
-        if ctype not in FORM_TYPES:
-            raise HttpError(415, "send application/x-www-form-urlencoded or text/plain")
+        if ctype not in FORM_TYPES and ctype != JSON_TYPE:
+            raise HttpError(415, "send application/x-www-form-urlencoded, text/plain or "
+                                 "application/json")
+        return ctype
 
     # ------------------------------------------------------------------ captured fields
 

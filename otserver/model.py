@@ -13,6 +13,7 @@ Invariants kept here:
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -109,6 +110,58 @@ def parse_properties(raw: bytes, config, into: dict | None = None) -> dict:
             props[key] = value.decode("utf-8")
         except UnicodeDecodeError:
             raise BadRequest(f"property {key}: value is not valid UTF-8") from None
+    if len(props) > config.max_properties:
+        raise BadRequest(f"too many properties: at most {config.max_properties} per event")
+    return props
+
+
+def _json_number(text: str) -> str:
+    return text  # a number keeps the text it was sent as (1.50 stays 1.50)
+
+
+def _json_constant(name: str):
+    raise BadRequest(f"{name} is not JSON")
+
+
+def parse_json(body: bytes):
+    """A JSON body, numbers kept as their text. BadRequest says where it is not JSON."""
+    try:
+        return json.loads(body.decode("utf-8"), parse_int=_json_number,
+                          parse_float=_json_number, parse_constant=_json_constant)
+    except UnicodeDecodeError:
+        raise BadRequest("the JSON body is not valid UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc.msg} at line {exc.lineno} "
+                         f"column {exc.colno}") from None
+
+
+def json_properties(obj, config, into: dict | None = None) -> dict:
+    """One JSON object of properties into `into` (a new dict by default), by the rules of
+    `parse_properties`: strings as they are, numbers as the text they were sent as, booleans
+    as true/false; null, arrays and objects are refused naming the property."""
+    if not isinstance(obj, dict):
+        raise BadRequest("a JSON event is an object of properties: {\"si\": \"...\", ...}")
+    props = {} if into is None else into
+    max_name, max_value = config.max_name_chars, config.max_value_bytes
+    for key, value in obj.items():
+        name = key.encode("utf-8", "surrogatepass")
+        if len(name) > max_name:
+            raise BadRequest(f"bad property name '{_show(name)}': longer than {max_name} characters")
+        _check_name(name)
+        if value is True or value is False:
+            value = "true" if value else "false"
+        elif not isinstance(value, str):
+            kind = "null" if value is None else "an array" if isinstance(value, list) else \
+                "an object"
+            raise BadRequest(f"property {key}: {kind} is not a property value "
+                             "(send a string, a number or a boolean)")
+        if len(value.encode("utf-8", "surrogatepass")) > max_value:
+            raise BadRequest(f"property {key}: value longer than {max_value} bytes")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest(f"property {key}: value is not valid UTF-8") from None
+        props[key] = value
     if len(props) > config.max_properties:
         raise BadRequest(f"too many properties: at most {config.max_properties} per event")
     return props

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 
 import httptools
@@ -81,9 +82,10 @@ class Context:
     """What a connection may use: nothing else of the server."""
 
     __slots__ = ("config", "handler", "writer", "loop", "metrics", "live", "connections",
-                 "deadlines")
+                 "deadlines", "clock")
 
-    def __init__(self, config, handler, writer, loop, metrics, live, connections: set):
+    def __init__(self, config, handler, writer, loop, metrics, live, connections: set, *,
+                 clock=time.perf_counter):
         self.config = config
         self.handler = handler
         self.writer = writer
@@ -92,6 +94,7 @@ class Context:
         self.live = live
         self.connections = connections
         self.deadlines = deadlines(config)
+        self.clock = clock  # precise time for the access log (the loop's time is per turn)
 
 
 class _StopParsing(Exception):
@@ -298,7 +301,7 @@ class HttpProtocol(asyncio.Protocol):
         self._messages += 1
         self._to(BEGIN)
         if self._access_log:
-            self._started = self.loop.time()
+            self._started = self.ctx.clock()
 
     def on_url(self, url: bytes) -> None:
         self._url_bytes += len(url)
@@ -493,7 +496,7 @@ class HttpProtocol(asyncio.Protocol):
             client = self.handler.client_address(self.peer, slot.headers) or "-"
             log.info("access %s %s %s %s %d %.2fms", client, escape(slot.method, 16),
                      escape(slot.path), status.decode(), len(data),
-                     (self.loop.time() - slot.started) * 1000)
+                     (self.ctx.clock() - slot.started) * 1000)
 
     def _write(self, data: bytes, close: bool) -> None:
         transport = self.transport
@@ -536,7 +539,7 @@ class HttpProtocol(asyncio.Protocol):
         if path is None and self._url:  # refused before the head was complete
             url = b"".join(self._url) if type(self._url) is list else self._url
             path = url.partition(b"?")[0]
-        started = self._started if self._state in (HEAD, BODY) else self.loop.time()
+        started = self._started if self._state in (HEAD, BODY) else self.ctx.clock()
         self._to(FAIL)
         self._wire_bytes = 0
         cors = not path or path in INGEST_PATHS or not path.startswith(b"/api/")

@@ -580,8 +580,10 @@ INGEST_ANSWERS = [
     pytest.param(form_post("/", b"a=1"), 400, id="POST / missing si 400"),
     pytest.param(request("PUT", "/"), 405, id="PUT / 405"),
     pytest.param(request("GET", "/batch"), 405, id="GET /batch 405"),
-    pytest.param(request("POST", "/", (("Content-Type", "application/json"),), b'{"si":"a"}'),
-                 415, id="POST / json 415"),
+    pytest.param(request("POST", "/", (("Content-Type", "application/xml"),), b'<si>a</si>'),
+                 415, id="POST / xml 415"),
+    pytest.param(request("POST", "/", (("Content-Type", "application/json"),), b'{"si":'),
+                 400, id="POST / bad json 400"),
     pytest.param(form_post("/", b"", content_length=64 * KIB + 1), 413, id="POST / 413"),
     pytest.param(form_post("/batch", b"", content_length=MIB + 1), 413, id="POST /batch 413"),
 ]

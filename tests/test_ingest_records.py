@@ -473,9 +473,9 @@ def test_post_query_and_body_together_body_wins(server):
 
 
 @pytest.mark.parametrize("target, ctype", [
-    ("/", "application/json"),
+    ("/", "application/xml"),
     ("/", "multipart/form-data; boundary=x"),
-    ("/batch", "application/json"),
+    ("/batch", "application/xml"),
 ])
 def test_unsupported_content_type_is_415_and_stores_nothing(server, target, ctype):
     resp = server.post(target, "si=ctype.example&message=hi", {"Content-Type": ctype})

@@ -143,7 +143,7 @@ class Harness:
         self.handler = Handler(self.config, api, CountingEids())
         self.connections: set = set()
         self.context = Context(self.config, self.handler, self.writer, self.loop, self.metrics,
-                               self.live, self.connections)
+                               self.live, self.connections, clock=self.loop.time)
         self.protocol = HttpProtocol(self.context)
         self.transport = MockTransport(peer)
         self.protocol.connection_made(self.transport)
@@ -165,7 +165,8 @@ class Harness:
 def ok_eid(n: int, close: bool = False) -> bytes:
     """The exact bytes of the n-th ingest answer."""
     return (b"HTTP/1.1 200 OK\r\n" + DATE + b"X-Content-Type-Options: nosniff\r\n"
-            b"Access-Control-Allow-Origin: *\r\nCache-Control: no-store\r\n"
+            b"Access-Control-Allow-Origin: *\r\nAccess-Control-Expose-Headers: X-Eid\r\n"
+            b"Cache-Control: no-store\r\n"
             b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: 36\r\n"
             + (http.CLOSE if close else b"") + b"\r\n"
             + f"00000000-0000-7000-8000-{n:012x}".encode())
@@ -175,7 +176,8 @@ def error(status: int, reason: str, *, cors: bool = True, close: bool = True,
           headers: bytes = b"") -> bytes:
     body = (reason + "\n").encode()
     return (http.STATUS_LINES[status] + DATE + b"X-Content-Type-Options: nosniff\r\n"
-            + (b"Access-Control-Allow-Origin: *\r\nCache-Control: no-store\r\n" if cors else b"")
+            + (b"Access-Control-Allow-Origin: *\r\nAccess-Control-Expose-Headers: X-Eid\r\n"
+            b"Cache-Control: no-store\r\n" if cors else b"")
             + headers + b"Content-Type: text/plain; charset=utf-8\r\n"
             + b"Content-Length: %d\r\n" % len(body) + (http.CLOSE if close else b"")
             + b"\r\n" + body)
