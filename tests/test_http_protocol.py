@@ -28,7 +28,8 @@ MIB = 1024 * KIB
 
 @pytest.fixture(scope="module")
 def module_server(tmp_path_factory):
-    server = RunningServer(tmp_path_factory.mktemp("protocol") / "otdata").start()
+    server = RunningServer(tmp_path_factory.mktemp("protocol") / "otdata",
+                           ["--fold-delay", "1ms"]).start()  # FreshView waits for a fold
     yield server
     assert server.stop() == 0
     assert "Traceback" not in server.log(), server.log()[-3000:]

@@ -744,6 +744,26 @@ def test_a_read_waits_at_most_max_read_wait(make_server):
     assert listed_eids(server.api(api_path("events", si=si), token)) == [before, eid]
 
 
+def test_an_erasure_the_folder_cannot_reach_in_time_is_202_then_done(make_server):
+    server = make_server("--max-read-wait", "300ms")
+    si = "erase-later.example"
+    token = server.create_token(si)
+    kept = ok_eid(server.track(si=si, sid="k", uid="keep"))
+    ok_eid(server.track(si=si, sid="g", uid="gone"))
+    caught_up(server, token, si)
+    with views_frozen(server) as lock:
+        resp = server.request("DELETE", api_path("users", "gone", si=si),
+                              headers={"Authorization": f"Bearer {token}"})
+        assert resp.status == 202, resp
+        body = resp.json()
+        assert body["erasure"].startswith("logged") and isinstance(body["position"], int), body
+        lock.release()
+    wait_for(lambda: server.api(api_path("users", "gone", si=si), token).status == 404, 10,
+             "the logged erasure carried out")
+    assert ok_json(server.api(api_path("users", "keep", si=si), token))["event_count"] == 1
+    assert listed_eids(server.api(api_path("events", si=si), token)) == [kept]
+
+
 # --------------------------------------------------------------------------- 7. folder death
 
 def test_a_killed_folder_is_replaced_and_nothing_is_lost(server):
