@@ -207,9 +207,9 @@ def to_env(config: Config) -> dict:
 def _format_duration(seconds: float) -> str:
     """5184000.0 -> '60d', 0.05 -> '50ms': the largest unit that gives a whole number of at
     least 2 (so 60 seconds stay '60s')."""
-    for unit, size in (("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         count = seconds / size
-        if count >= 2 and count == int(count) and unit != "w":
+        if count >= 2 and count == int(count):
             return f"{int(count)}{unit}"
     if seconds == int(seconds):
         return f"{int(seconds)}s"
@@ -261,5 +261,5 @@ def check(config: Config) -> None:
         raise ValueError(f"--data-dir {config.data_dir} is a file, not a directory")
 
 
-__all__ = ["check", "format_setting", "Config", "from_env", "to_env", "convert", "setting_name", "parse_duration",
-           "parse_size"]
+__all__ = ["Config", "check", "convert", "format_setting", "from_env", "parse_duration",
+           "parse_size", "setting_name", "to_env"]

@@ -22,6 +22,7 @@ INGEST_PATHS = {
 OPS_PATHS = frozenset((b"/healthz", b"/readyz", b"/metrics"))
 FORM_TYPES = (b"", b"application/x-www-form-urlencoded", b"text/plain")
 JSON_TYPE = b"application/json"
+OVERLOADED = object()  # Handler.answer's error for a job the writer would not take
 
 
 class Request:
@@ -110,12 +111,13 @@ class Handler:
         self._ip_cache: dict[str, str] = {}
         self._retry = (("Retry-After", str(config.retry_after_s)),)
 
-    def answer(self, job: IngestJob, error: str | None, close: bool) -> bytes:
+    def answer(self, job: IngestJob, error, close: bool) -> bytes:
         """The answer to an ingest job once the writer has reported: 200 with the eids, or
-        503 (`error` says why: the log could not commit, or too many events wait)."""
+        503 (`error` says why the log could not commit, or is OVERLOADED: too many events
+        wait)."""
         if error is None:
             return job.answer(close)
-        if error == "overloaded":
+        if error is OVERLOADED:
             reason = "overloaded: too many events waiting for a commit"
         else:
             reason = f"storage unavailable: {error}"
@@ -231,14 +233,10 @@ class Handler:
             referer = headers.get(b"referer")
             if referer:
                 captured["referer"] = referer.decode("utf-8", "replace")
-        if config.capture_ip:
-            ip = self._client_ip(req)
-            if ip:
-                captured["ip"] = ip
+        ip = self.client_address(req.peer, req.headers)  # "" with --no-capture-ip
+        if ip:
+            captured["ip"] = ip
         return captured or None
-
-    def _client_ip(self, req: Request) -> str:
-        return self.client_address(req.peer, req.headers)
 
     def client_address(self, peer: str, headers: dict) -> str:
         """The client's address as it is stored: behind a trusted proxy, the client it

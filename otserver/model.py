@@ -72,6 +72,16 @@ def _check_name(name: bytes) -> str:
     return name.decode("ascii")
 
 
+def _property_name(name: bytes, max_name: int) -> str:
+    """A decoded property name checked by SPEC 2.2's rules (and remembered when valid)."""
+    if len(name) > max_name:
+        raise BadRequest(f"bad property name '{_show(name)}': longer than {max_name} characters")
+    key = _check_name(name)
+    if len(_valid_names) < 4096:
+        _valid_names[name] = key
+    return key
+
+
 def parse_properties(raw: bytes, config, into: dict | None = None) -> dict:
     """Decode one url-encoded property set (`a=1&b=2`) into `into` (a new dict by default).
 
@@ -95,15 +105,9 @@ def parse_properties(raw: bytes, config, into: dict | None = None) -> dict:
         if b"%" in part or b"+" in part:
             name = _unquote(name)
             value = _unquote(value, name)
-        key = names.get(name)
-        if key is None:
-            if len(name) > max_name:
-                raise BadRequest(f"bad property name '{_show(name)}': longer than {max_name} characters")
-            key = _check_name(name)
-            if len(names) < 4096:
-                names[name] = key
-        elif len(key) > max_name:
-            raise BadRequest(f"bad property name '{_show(name)}': longer than {max_name} characters")
+        key = names.get(name)  # the common case inline: a name seen valid before
+        if key is None or len(key) > max_name:
+            key = _property_name(name, max_name)
         if len(value) > max_value:
             raise BadRequest(f"property {key}: value longer than {max_value} bytes")
         try:
@@ -144,10 +148,7 @@ def json_properties(obj, config, into: dict | None = None) -> dict:
     props = {} if into is None else into
     max_name, max_value = config.max_name_chars, config.max_value_bytes
     for key, value in obj.items():
-        name = key.encode("utf-8", "surrogatepass")
-        if len(name) > max_name:
-            raise BadRequest(f"bad property name '{_show(name)}': longer than {max_name} characters")
-        _check_name(name)
+        _property_name(key.encode("utf-8", "surrogatepass"), max_name)
         if value is True or value is False:
             value = "true" if value else "false"
         elif not isinstance(value, str):
@@ -155,12 +156,12 @@ def json_properties(obj, config, into: dict | None = None) -> dict:
                 "an object"
             raise BadRequest(f"property {key}: {kind} is not a property value "
                              "(send a string, a number or a boolean)")
-        if len(value.encode("utf-8", "surrogatepass")) > max_value:
-            raise BadRequest(f"property {key}: value longer than {max_value} bytes")
         try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError:  # a lone surrogate (\ud800) in the JSON text
             raise BadRequest(f"property {key}: value is not valid UTF-8") from None
+        if size > max_value:
+            raise BadRequest(f"property {key}: value longer than {max_value} bytes")
         props[key] = value
     if len(props) > config.max_properties:
         raise BadRequest(f"too many properties: at most {config.max_properties} per event")

@@ -29,7 +29,7 @@ import httptools
 
 from . import http
 from .errors import FramingError, HttpError
-from .handler import INGEST_PATHS, Deferred, IngestJob, LiveStream, Request
+from .handler import INGEST_PATHS, OVERLOADED, Deferred, IngestJob, LiveStream, Request
 from .live import LiveConnection
 
 log = logging.getLogger("otserver")
@@ -182,8 +182,7 @@ class HttpProtocol(asyncio.Protocol):
         self.peer = peer[0] if peer else ""
         self.parser = httptools.HttpRequestParser(self)
         self.ctx.connections.add(self)
-        self._state = OPEN
-        self._deadline = self.loop.time() + self.ctx.deadlines[OPEN]
+        self._deadline = self.loop.time() + self._deadlines[OPEN]  # the state it starts in
         self._reset_message()
 
     def connection_lost(self, exc) -> None:
@@ -411,7 +410,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _submit(self, slot: Slot, job: IngestJob) -> None:
         if not self.writer.submit(job.values, self._committed, (slot, job)):
-            slot.data = self.handler.answer(job, "overloaded", slot.close)
+            slot.data = self.handler.answer(job, OVERLOADED, slot.close)
             self._queue(slot)
             return
         self._slots.append(slot)
