@@ -443,6 +443,37 @@ def test_malformed_http_is_400_closed_and_the_rest_never_run(server, data):
     assert_nothing_stored(server)
 
 
+@pytest.mark.parametrize("data, reason", [
+    pytest.param(b"GET /?si=a HTTP/1.1\r\n\r\n", b"needs a Host header", id="no Host"),
+    pytest.param(b"GET /?si=a HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                 b"more than one Host header", id="two Hosts"),
+    pytest.param(b"POST /?si=a HTTP/1.1\r\nContent-Length: 4\r\n\r\n", b"needs a Host header",
+                 id="no Host, a body announced and never sent"),
+    pytest.param("GET /?si=a&näme=v HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+                 b"byte 0xC3 at offset 8 (in the query", id="a raw UTF-8 name"),
+    pytest.param(POST_HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
+                 + b"".join(b"1;" + b"e" * 200 + b"\r\nx\r\n" for _ in range(300))
+                 + b"0\r\n\r\n", b"too much chunked framing", id="chunk extensions, no body"),
+])
+def test_first_hour_refusals_answer_at_once_close_and_store_nothing(server, data, reason):
+    reply, closed = exchange(server, data + SMUGGLED)  # answered without waiting for a body
+    resp = only_response(reply)
+    assert_refusal(resp, 400, close=True)
+    assert reason in resp.body, resp.body
+    assert closed
+    assert_nothing_stored(server)
+
+
+def test_a_body_in_one_byte_chunks_is_stored(server):
+    body = b"si=" + SITE.encode() + b"".join(b"&p%d=" % i + b"x" * 7_500 for i in range(4))
+    chunks = b"".join(b"1\r\n%s\r\n" % body[i:i + 1] for i in range(len(body)))
+    reply, _ = exchange(server, POST_HEAD + b"Transfer-Encoding: chunked\r\nConnection: close\r\n"
+                        b"\r\n" + chunks + b"0\r\n\r\n", timeout=10)
+    resp = only_response(reply)
+    assert resp.status == 200, resp
+    assert stored_eids(server) == {resp.body.decode()}
+
+
 @pytest.mark.parametrize("line", [
     pytest.param(b"GET /?si=a", id="no HTTP version (0.9 request line with headers)"),
     pytest.param(b"GET /?si=a HTTP/0.9", id="HTTP/0.9"),
