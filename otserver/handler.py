@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 
 from . import http
+from .assets import ASSETS
 from .errors import BadRequest, HttpError, Unavailable
 from .model import (EidGenerator, json_properties, make_event, now_ms, parse_json,
                     parse_properties)
@@ -135,6 +136,11 @@ class Handler:
                 if self.api is None:
                     return http.error(404, "not found", head=req.head)
                 return self.api.handle(req)
+            asset = ASSETS.get(path)
+            if asset is not None:
+                if req.method not in (b"GET", b"HEAD"):
+                    return http.error(405, "method not allowed", headers=(("Allow", "GET, HEAD"),))
+                return asset.answer(req.headers, req.head, req.close)
             if path in OPS_PATHS:
                 if req.method not in (b"GET", b"HEAD"):
                     return http.error(405, "method not allowed", headers=(("Allow", "GET, HEAD"),))

@@ -9,7 +9,7 @@ import time
 from email.utils import formatdate
 
 REASONS = {
-    200: "OK", 202: "Accepted", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
+    200: "OK", 202: "Accepted", 204: "No Content", 304: "Not Modified", 400: "Bad Request", 401: "Unauthorized",
     403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
     413: "Content Too Large", 414: "URI Too Long", 415: "Unsupported Media Type",
     422: "Unprocessable Content", 429: "Too Many Requests",
@@ -61,12 +61,13 @@ def render(status: int, body: bytes = b"", *, content_type: bytes = TEXT, cors: 
         parts.append(CORS_HEADERS)
     for name, value in headers:
         parts.append(f"{name}: {value}\r\n".encode("latin-1"))
-    if status != 204:
+    bodiless = status in (204, 304)
+    if not bodiless:
         parts.append(b"Content-Type: " + content_type + b"\r\nContent-Length: %d\r\n" % len(body))
     if close:
         parts.append(CLOSE)
     parts.append(b"\r\n")
-    if not head and status != 204:
+    if not head and not bodiless:
         parts.append(body)
     return b"".join(parts)
 

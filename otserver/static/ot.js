@@ -1,0 +1,1 @@
+/* otserver browser tracker: placeholder, replaced by the real tracker. */
