@@ -289,7 +289,7 @@ class Api:
         def start(done) -> None:
             _, key, ts = self.eids.next(now_ms())
 
-            def logged(arg, error, position: int) -> None:
+            def logged(arg, error, position: int, _replaced) -> None:
                 if error is not None:
                     done(_json(503, {"error": f"storage unavailable: {error}"}, headers=retry,
                                close=close))

@@ -50,6 +50,7 @@ FIELD_HELP = {
     "max_pending_events": "events waiting for a commit before ingest answers 503",
     "retry_after_s": "Retry-After seconds sent with 503",
     "writer_stall_s": "/readyz answers 503 when a commit (or the folder) makes no progress this long",
+    "idempotency_window_s": "how long a repeated idempotency key answers with the original eids",
     "fold_batch_events": "most log entries the folder applies in one views transaction",
     "fold_delay_s": "how long entries may gather before a fold when no read waits for them",
     "max_view_lag": "log entries not yet folded past which ingest answers 503",
@@ -210,7 +211,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
         event_log = EventLog(log_path(config.data_dir), initial_bytes=config.initial_store_bytes,
                              max_bytes=config.max_store_bytes)
         try:
-            return run_writer(event_log, args.fd, config.min_free_disk_bytes)
+            return run_writer(event_log, args.fd, config.min_free_disk_bytes,
+                              config.idempotency_window_s)
         finally:
             event_log.close()
     from .store import open_store

@@ -116,6 +116,7 @@ class Config:
     max_pending_events: int = 50_000
     retry_after_s: int = 1
     writer_stall_s: float = 10.0
+    idempotency_window_s: float = 86400.0
 
     # the views and the folder (SPEC 2.5)
     fold_batch_events: int = 5_000
@@ -253,6 +254,9 @@ def check(config: Config) -> None:
         raise ValueError(f"--ttl {format_setting('ttl_s', config.ttl_s)} is shorter than one "
                          "hour: everything older is deleted soon after start. Add "
                          "--allow-short-ttl if that is what you want")
+    if config.idempotency_window_s <= 0:
+        raise ValueError("--idempotency-window must be longer than 0: it is how long a retry "
+                         "with the same key is answered with the original eids (default 24h)")
     if config.sweep_step_limit < 1 or config.fold_batch_events < 1:
         raise ValueError("--sweep-step-limit and --fold-batch-events: at least 1")
     if config.max_store_bytes < config.initial_store_bytes:

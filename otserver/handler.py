@@ -12,6 +12,8 @@ import ipaddress
 from . import http
 from .assets import ASSETS
 from .errors import BadRequest, HttpError, Unavailable
+from .idempotency import (KEY_PROPERTY, Conflict, body_digest, conflict_reason, header_key,
+                          take_item_key, units_of)
 from .model import (EidGenerator, json_properties, make_event, now_ms, parse_json,
                     parse_properties)
 
@@ -44,23 +46,31 @@ class Request:
 
 
 class IngestJob:
-    """Events waiting for their commit (encoded as log entries), and the shape of the answer
-    (text, pixel or batch)."""
+    """Events waiting for their commit (encoded as log entries), their idempotency units (or
+    None), and the shape of the answer (text, pixel or batch). A replayed event answers with
+    its original eid: the writer reports them in `replaced` (index -> eid)."""
 
-    __slots__ = ("events", "values", "kind", "path")
+    __slots__ = ("events", "values", "kind", "path", "units", "part")
 
-    def __init__(self, events: list, kind: int, path: bytes):
+    def __init__(self, events: list, kind: int, path: bytes, units: list | None = None,
+                 part: str | None = None):
         self.events = events
         self.values = [ev.encode() for ev in events]
         self.kind = kind
         self.path = path
+        self.units = units
+        self.part = part  # what a batch's parts are called in a refusal: "line" or "item"
 
-    def answer(self, close: bool) -> bytes:
+    def answer(self, close: bool, replaced: dict | None = None) -> bytes:
+        eids = [ev.eid for ev in self.events]
+        if replaced:
+            for index, eid in replaced.items():
+                eids[index] = eid
         if self.kind == KIND_TEXT:
-            return http.ok_eid(self.events[0].eid, close)
+            return http.ok_eid(eids[0], close)
         if self.kind == KIND_PIXEL:
-            return http.ok_pixel(self.events[0].eid, close)
-        return http.ok_batch([ev.eid for ev in self.events], close)
+            return http.ok_pixel(eids[0], close)
+        return http.ok_batch(eids, close)
 
 
 KIND_TEXT, KIND_PIXEL, KIND_BATCH = range(3)
@@ -84,6 +94,32 @@ class LiveStream:
     def __init__(self, si: str, last_id: int | None = None):
         self.si = si
         self.last_id = last_id
+
+
+class _Keys:
+    """A request's idempotency keys while its events are parsed: `take` each event's
+    properties before its ids are resolved, then `units`. Costs a dict lookup per event when
+    no key is sent."""
+
+    __slots__ = ("request", "items", "bodies")
+
+    def __init__(self, request: str | None):
+        self.request = request
+        self.items: list = []
+        self.bodies: list = []
+
+    def take(self, props: dict) -> None:
+        key = take_item_key(props) if KEY_PROPERTY in props else None
+        if key is not None or self.request is not None:
+            while len(self.bodies) < len(self.items):  # events before the first key
+                self.bodies.append(None)
+            self.bodies.append(body_digest(props, key))
+        self.items.append(key)
+
+    def units(self, events: list) -> list | None:
+        if self.request is None and not self.bodies:
+            return None
+        return units_of(events, self.bodies, self.items, self.request)
 
 
 def anonymize(address: str) -> str:
@@ -112,12 +148,16 @@ class Handler:
         self._ip_cache: dict[str, str] = {}
         self._retry = (("Retry-After", str(config.retry_after_s)),)
 
-    def answer(self, job: IngestJob, error, close: bool) -> bytes:
-        """The answer to an ingest job once the writer has reported: 200 with the eids, or
-        503 (`error` says why the log could not commit, or is OVERLOADED: too many events
+    def answer(self, job: IngestJob, error, close: bool, replaced: dict | None = None) -> bytes:
+        """The answer to an ingest job once the writer has reported: 200 with the eids (the
+        original ones of replayed events, `replaced`), 422 for a key used with another body,
+        or 503 (`error` says why the log could not commit, or is OVERLOADED: too many events
         wait)."""
         if error is None:
-            return job.answer(close)
+            return job.answer(close, replaced)
+        if isinstance(error, Conflict):
+            return http.error(422, conflict_reason(job.units, error.unit, job.part), cors=True,
+                              close=close)
         if error is OVERLOADED:
             reason = "overloaded: too many events waiting for a commit"
         else:
@@ -171,8 +211,10 @@ class Handler:
             raise HttpError(405, "method not allowed", headers=(("Allow", allowed.decode()),))
         config = self.config
         captured = self._captured(req)
+        keys = _Keys(header_key(req.headers))
         if path == b"/batch":
-            job = IngestJob(self._batch_events(req, captured), KIND_BATCH, path)
+            events, part = self._batch_events(req, captured, keys)
+            job = IngestJob(events, KIND_BATCH, path, keys.units(events), part)
         else:
             props = parse_properties(req.query, config)
             if method == b"POST":
@@ -180,15 +222,18 @@ class Handler:
                     json_properties(parse_json(req.body), config, props)
                 else:
                     parse_properties(req.body.rstrip(b"\r\n"), config, props)
-            event = make_event(props, captured, self.eids, now_ms(), config)
-            job = IngestJob([event], KIND_PIXEL if path == b"/pixel.gif" else KIND_TEXT, path)
+            keys.take(props)
+            events = [make_event(props, captured, self.eids, now_ms(), config)]
+            job = IngestJob(events, KIND_PIXEL if path == b"/pixel.gif" else KIND_TEXT, path,
+                            keys.units(events))
         if self.watch is not None and self.watch.over_lag():
             raise Unavailable(f"the views are {self.watch.lag()} events behind the log "
                               f"(past --max-view-lag); retry", config.retry_after_s)
         return job
 
-    def _batch_events(self, req: Request, captured):
-        """Every event of a batch, or a refusal naming the line (or JSON item) at fault."""
+    def _batch_events(self, req: Request, captured, keys: "_Keys") -> tuple[list, str]:
+        """Every event of a batch and what its parts are called ("line", "item"), or a refusal
+        naming the line (or JSON item) at fault."""
         config = self.config
         defaults = parse_properties(req.query, config)
         if self._body_type(req) == JSON_TYPE:
@@ -211,10 +256,11 @@ class Handler:
         for number, part in parts:
             try:
                 props = parse(part, config, dict(defaults))
+                keys.take(props)
                 events.append(make_event(props, captured, self.eids, ts, config))
             except BadRequest as exc:
                 raise BadRequest(f"{where} {number}: {exc.reason}") from None
-        return events
+        return events, where
 
     @staticmethod
     def _body_type(req: Request) -> bytes:

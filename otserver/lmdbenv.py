@@ -48,8 +48,7 @@ class Environment:
         self._gate = _Gate()
         options = {name: {"dupsort": True} if name in dupsort else {} for name in names}
         if readonly:  # handles opened in a read transaction die with it: open them bare
-            self.db = {name: self.env.open_db(name.encode(), create=False, **options[name])
-                       for name in names}
+            self.db = {name: self._open_existing(name, options[name]) for name in names}
         else:
             self.env.reader_check()  # clear slots left by killed processes
             txn = self._begin(write=True)  # a sibling may have grown the map since we sized it
@@ -69,6 +68,14 @@ class Environment:
 
     def close(self) -> None:
         self.env.close()
+
+    def _open_existing(self, name: str, options: dict):
+        """A database of a read-only open; None when the store predates it (a database added
+        by a later release is created by the first writable open)."""
+        try:
+            return self.env.open_db(name.encode(), create=False, **options)
+        except lmdb.NotFoundError:
+            return None
 
     def _begin(self, write: bool = False):
         """A transaction at open time (no other is open in this process yet)."""

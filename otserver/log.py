@@ -5,6 +5,9 @@ Environment `<data dir>/log` (keys are bytes):
   eids      id(16)                 -> position(8)
   erasures  position(8)            -> msgpack([result]) of the erasure entry at that position
   tokens    sha256(token)(32)      -> msgpack([site, created_ms, label])
+  keys      key digest(16)         -> ts(8) body digest(16) id(16) * events: an idempotency key
+                                      (idempotency.py) and the ids it answered with
+  key_times ts(8) key digest(16)   -> b"": the keys in the order they were stored, for expiry
   meta      b"schema"              -> SCHEMA
             b"next"                -> position(8): the next position, once the last entry
                                       has been deleted (by the sweeper)
@@ -22,17 +25,22 @@ Invariants:
   erasure's purge never does: its own entry follows what it erases).
 - A commit is synced (data and meta) before `append` returns: an acknowledged event is on disk.
 - Exactly one thread of a process appends: the writer (or a CLI command, which has no writer).
+- Idempotency keys are checked and stored in the transaction that appends their events, so a
+  key answered once is known to every later transaction of any process: a retry after a
+  commit whose answer was lost (kill -9), or sent to another worker, finds it. A key older
+  than the window counts as absent; the sweeper deletes it (`expire_keys`).
 """
 from __future__ import annotations
 
 import os
 
 from .errors import StoreFailed
+from .idempotency import REQUEST
 from .lmdbenv import Environment
 from .model import ID_END, KIND_END, LogEntry, packb, position_bytes, unpackb
 
 SCHEMA = b"2"
-NAMES = ("log", "eids", "erasures", "tokens")
+NAMES = ("log", "eids", "erasures", "tokens", "keys", "key_times")
 ZERO_TS = bytes(8)
 
 
@@ -48,7 +56,8 @@ class EventLog:
             readonly=readonly, what="event log")
         self.path = path
         db = self.store.db
-        self._log, self._eids, self._erasures, self._tokens = (db[n] for n in NAMES)
+        self._log, self._eids, self._erasures, self._tokens, self._keys, self._key_times = (
+            db[n] for n in NAMES)
         self._meta = db["meta"]
         self.read = self.store.read
         self.write = self.store.write
@@ -90,6 +99,91 @@ class EventLog:
         if added != len(ids):
             raise DuplicateId("an appended id is already in the log")
         return first
+
+    def append_groups(self, groups: list, units: list, now_ms: int, window_ms: int):
+        """Append the entries of many requests in one synced transaction, checking their
+        idempotency units (tuples of idempotency.UNIT) first.
+        -> (the first appended entry's position, {request: (refused unit or None,
+            {event index: original id})}) for each request that had a unit."""
+        return self.store.write(self._append_groups_in, groups, units, now_ms, window_ms)
+
+    def _append_groups_in(self, txn, groups, units, now_ms, window_ms):
+        outcomes = {}
+        if units:
+            by_group: dict = {}
+            for unit in units:
+                by_group.setdefault(unit[2], []).append(unit)
+            for number, group_units in by_group.items():
+                outcomes[number] = self._check_keys(txn, groups[number], group_units, now_ms,
+                                                    now_ms - window_ms)
+        values = []
+        for number, group in enumerate(groups):
+            outcome = outcomes.get(number)
+            if outcome is None:
+                values += group
+            elif outcome[0] is None:
+                replaced = outcome[1]
+                values += [value for index, value in enumerate(group) if index not in replaced]
+        if not values:
+            return self.tail(txn) + 1, outcomes
+        return self.append_in(txn, values), outcomes
+
+    def _check_keys(self, txn, group, units, now_ms, cutoff_ms):
+        """One request's units: (None, replaced) to store what is not replaced (and its keys),
+        or (refused unit, {}) to store nothing of it. A request unit (first, when there is
+        one) replays the whole request; item units replay single events."""
+        replaced: dict = {}
+        fresh = {}  # key -> record, stored when the request is accepted
+        for number, (key, body, _, first, count, kind) in enumerate(units):
+            record = fresh.get(key)
+            if record is None:
+                record = txn.get(key, db=self._keys)
+                if record is not None and int.from_bytes(record[:8], "big") < cutoff_ms:
+                    record = None  # past the window: a new key
+            if record is not None:
+                if record[8:24] != body:
+                    return number, {}
+                ids = record[24:]
+                if kind == REQUEST:
+                    return None, {index: ids[16 * index:16 * index + 16] for index in range(count)}
+                replaced[first] = ids[:16]
+                continue
+            if kind == REQUEST:
+                fresh[key] = None  # its ids are known once the item units are checked
+            else:
+                fresh[key] = now_ms.to_bytes(8, "big") + body + group[first][KIND_END:ID_END]
+        stamp = now_ms.to_bytes(8, "big")
+        for number, (key, body, _, first, count, kind) in enumerate(units):
+            if kind == REQUEST and fresh.get(key, b"") is None:
+                fresh[key] = stamp + body + b"".join(
+                    replaced.get(index) or group[index][KIND_END:ID_END] for index in range(count))
+        for key, record in fresh.items():
+            txn.put(key, record, db=self._keys)
+            txn.put(stamp + key, b"", db=self._key_times)
+        return None, replaced
+
+    def expire_keys(self, now_ms: int, window_ms: int, limit: int) -> tuple[int, bool]:
+        """Delete up to `limit` idempotency keys stored before the window.
+        -> (deleted, more left)."""
+        cutoff = max(now_ms - window_ms, 0).to_bytes(8, "big")
+
+        def apply(txn):
+            cur = txn.cursor(db=self._key_times)
+            done = 0
+            while cur.first() and cur.key()[:8] < cutoff:
+                if done >= limit:
+                    return done, True
+                stamp, key = cur.key()[:8], cur.key()[8:]
+                record = txn.get(key, db=self._keys)
+                if record is not None and record[:8] == stamp:  # not stored again since
+                    txn.delete(key, db=self._keys)
+                cur.delete()
+                done += 1
+            return done, False
+        return self.write(apply)
+
+    def key_count(self) -> int:
+        return self.store.entries("keys")
 
     # ------------------------------------------------------------------ reads
 

@@ -410,7 +410,7 @@ class HttpProtocol(asyncio.Protocol):
             self._flush()
 
     def _submit(self, slot: Slot, job: IngestJob) -> None:
-        if not self.writer.submit(job.values, self._committed, (slot, job)):
+        if not self.writer.submit(job.values, self._committed, (slot, job), job.units):
             slot.data = self.handler.answer(job, OVERLOADED, slot.close)
             self._queue(slot)
             return
@@ -418,9 +418,9 @@ class HttpProtocol(asyncio.Protocol):
         if len(self._slots) >= self.config.max_pipelined:
             self._pause_reading()
 
-    def _committed(self, arg, error, position: int) -> None:
+    def _committed(self, arg, error, position: int, replaced: dict | None) -> None:
         slot, job = arg
-        slot.data = self.handler.answer(job, error, slot.close)
+        slot.data = self.handler.answer(job, error, slot.close, replaced)
         if self.transport is not None:
             self._flush()
 

@@ -1,12 +1,13 @@
 """Retention: delete what is older than the TTL from the log and the views, in small steps.
 
-`sweep_step(log, views, now_ms, ttl_ms, limit)` is one bounded step; `Sweeper` schedules steps
+`sweep_step(log, views, now_ms, ttl_ms, limit, window_ms)` is one bounded step; `Sweeper` schedules steps
 (a pass soon after start, then one every `sweep_interval_s`), with the clock injected. No asyncio.
 
 Invariants:
 - A step deletes at most `limit` things: the log's expired prefix first (times never decrease
   along the log, so the expired entries are a prefix of it), then counters of expired minutes,
-  then sessions and users whose last event is older than the TTL (the expiry index).
+  then sessions and users whose last event is older than the TTL (the expiry index); and up to
+  `limit` idempotency keys older than their window, in a transaction of their own.
 - The sweeper deletes only entries the views have folded (up to the watermark).
 - The views are changed first, the log second, each in one transaction: a crash between the
   two leaves the entries in the log, and the next step deletes them again (idempotent).
@@ -24,10 +25,14 @@ log = logging.getLogger("otserver")
 SWEEP_SHARE = 0.2  # of the folder's time, at most, while it is busy folding
 
 
-def sweep_step(event_log, views, now_ms: int, ttl_ms: int, limit: int = 500) -> dict:
-    """Delete up to `limit` expired things. -> {"events", "sessions", "users", "more"}."""
+def sweep_step(event_log, views, now_ms: int, ttl_ms: int, limit: int = 500,
+               window_ms: int | None = None) -> dict:
+    """Delete up to `limit` expired things (and `limit` idempotency keys older than
+    `window_ms`). -> {"events", "sessions", "users", "keys", "more"}."""
     cutoff = now_ms - ttl_ms
-    done = {"events": 0, "sessions": 0, "users": 0, "more": False}
+    done = {"events": 0, "sessions": 0, "users": 0, "keys": 0, "more": False}
+    if window_ms is not None:
+        done["keys"], done["more"] = event_log.expire_keys(now_ms, window_ms, limit)
     watermark = views.watermark()
     with event_log.read() as ltxn:
         last = event_log.tail(ltxn)
@@ -108,20 +113,22 @@ class Sweeper:
         self.event_log = event_log
         self.views = views
         self.ttl_ms = int(config.ttl_s * 1000)
+        self.window_ms = int(config.idempotency_window_s * 1000)
         self.limit = config.sweep_step_limit
         self.interval_s = config.sweep_interval_s
         self.clock = clock
         self.monotonic = monotonic
         self.next_at = monotonic() + 1.0
-        self.totals = {"events": 0, "sessions": 0, "users": 0, "passes": 0}
-        self._pass = dict.fromkeys(("events", "sessions", "users"), 0)
+        self.totals = {"events": 0, "sessions": 0, "users": 0, "keys": 0, "passes": 0}
+        self._pass = dict.fromkeys(("events", "sessions", "users", "keys"), 0)
 
     def due(self) -> bool:
         return self.monotonic() >= self.next_at
 
     def step(self, busy: bool) -> dict:
         started = self.monotonic()
-        result = sweep_step(self.event_log, self.views, self.clock(), self.ttl_ms, self.limit)
+        result = sweep_step(self.event_log, self.views, self.clock(), self.ttl_ms, self.limit,
+                            self.window_ms)
         for name in self._pass:
             self._pass[name] += result[name]
             self.totals[name] += result[name]
@@ -137,7 +144,7 @@ class Sweeper:
             log.warning("cleared %d stale reader slot(s) left by dead processes", cleared)
         if any(self._pass.values()):
             log.info("sweeper: deleted %(events)d events, %(sessions)d sessions, "
-                     "%(users)d users", self._pass)
+                     "%(users)d users, %(keys)d idempotency keys", self._pass)
         self._pass = dict.fromkeys(self._pass, 0)
         self.next_at = self.monotonic() + self.interval_s
         return result
@@ -145,10 +152,11 @@ class Sweeper:
 
 def sweep_all(event_log, views, config, *, clock=now_ms) -> dict:
     """One whole pass (`otserver sweep`)."""
-    totals = {"events": 0, "sessions": 0, "users": 0}
+    totals = {"events": 0, "sessions": 0, "users": 0, "keys": 0}
     ttl_ms = int(config.ttl_s * 1000)
+    window_ms = int(config.idempotency_window_s * 1000)
     while True:
-        step = sweep_step(event_log, views, clock(), ttl_ms, config.sweep_step_limit)
+        step = sweep_step(event_log, views, clock(), ttl_ms, config.sweep_step_limit, window_ms)
         for name in totals:
             totals[name] += step[name]
         if not step["more"]:

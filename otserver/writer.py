@@ -16,9 +16,13 @@ Invariants:
 - Batches are answered in the order they were sent; the writer process owns every write
   transaction of this server on the log.
 - A request is answered only after its batch committed (or failed as a whole):
-  callback(arg, None, position) means stored and synced, its first entry at `position`;
-  callback(arg, exc, 0) means nothing of the batch was stored, or (when the writer process
-  died with the batch in flight) that it cannot be known: 503 either way, as for a crash.
+  callback(arg, None, position, replaced) means stored and synced, its first stored entry at
+  `position`, and the events in `replaced` (index -> original 16-byte id; None: none) not
+  stored because their idempotency keys had stored them before;
+  callback(arg, Conflict(unit), 0, None) means a key was used with another body, nothing of
+  the request stored; callback(arg, exc, 0, None) means nothing of the batch was stored, or
+  (when the writer process died with the batch in flight) that it cannot be known: 503
+  either way, as for a crash. A retry with the same keys then finds what was stored.
 - The number of entries accepted but not yet answered never exceeds `max_pending`: `submit`
   refuses past it, so overload is answered at once instead of queueing without bound.
 - The writer process leaves when its socket closes (the server stopped or died); the server
@@ -40,8 +44,10 @@ import time
 from array import array
 from collections import deque
 
-from .appender import ANSWER, BATCH_HEAD, FULL, STORED
+from .appender import ANSWER, BATCH_HEAD, FULL, NO_CONFLICT, OUTCOME, REPLACED, STORED
 from .errors import StoreFailed, StoreFull
+from .idempotency import Conflict
+from .model import key_to_eid
 
 log = logging.getLogger("otserver")
 IN_FLIGHT = 2  # batches sent and not yet answered, at most
@@ -56,7 +62,7 @@ class Writer:
         self.max_pending = max_pending
         self.on_commit = on_commit  # f(entries, seconds, lock_seconds, last_position)
         self.pending_events = 0  # accepted, not yet answered (waiting + in flight)
-        self._waiting: list = []  # (values, callback, arg) for the next batch
+        self._waiting: list = []  # (values, callback, arg, units) for the next batch
         self._in_flight: deque = deque()  # (batch, sent at), in the order sent
         self._started = time.monotonic()
         self._scheduled = False
@@ -117,13 +123,14 @@ class Writer:
 
     # ------------------------------------------------------------------ loop side
 
-    def submit(self, values: list, callback, arg) -> bool:
-        """Queue entries for the next commit; False (nothing queued) when over the bound."""
+    def submit(self, values: list, callback, arg, units: list | None = None) -> bool:
+        """Queue one request's entries (and its idempotency units) for the next commit;
+        False (nothing queued) when over the bound."""
         count = len(values)
         if self.pending_events + count > self.max_pending:
             return False
         self.pending_events += count
-        self._waiting.append((values, callback, arg))
+        self._waiting.append((values, callback, arg, units))
         if not self._scheduled:
             self._scheduled = True
             self.loop.call_soon(self._dispatch)
@@ -138,15 +145,19 @@ class Writer:
         if not self._waiting or self._transport is None or len(self._in_flight) >= IN_FLIGHT:
             return
         batch, self._waiting = self._waiting, []
-        values = [value for group, _, _ in batch for value in group]
-        lengths = array("I", map(len, values))
+        values = [value for group, _, _, _ in batch for value in group]
+        sizes = array("I", [len(group) for group, _, _, _ in batch])
+        sizes.extend(map(len, values))
+        units = [unit.pack(number) for number, (_, _, _, group_units) in enumerate(batch)
+                 if group_units for unit in group_units]
         payload = b"".join(values)
         self._in_flight.append((batch, time.monotonic()))
-        self._transport.write(b"".join((BATCH_HEAD.pack(len(values), len(payload)),
-                                        lengths.tobytes(), payload)))
+        self._transport.write(b"".join((BATCH_HEAD.pack(len(batch), len(values), len(units),
+                                                        len(payload)),
+                                        sizes.tobytes(), *units, payload)))
 
     def _answered(self, status: int, first: int, count: int, lock_seconds: float,
-                  message: str) -> None:
+                  body: bytes) -> None:
         if not self._in_flight:
             return
         batch, sent = self._in_flight.popleft()
@@ -156,22 +167,32 @@ class Writer:
             self.events_stored += count
             self.lock_seconds += lock_seconds
             self.last_commit = time.monotonic()
-            self._answer(batch, None, first)
+            self._answer(batch, None, first, _outcomes(body) if body else None)
             if self.on_commit is not None:
                 self.on_commit(count, seconds, lock_seconds, first + count - 1)
         else:
-            self._answer(batch, (StoreFull if status == FULL else StoreFailed)(message), 0)
+            error = (StoreFull if status == FULL else StoreFailed)(body.decode(errors="replace"))
+            self._answer(batch, error, 0)
         if self._waiting:
             self._dispatch()
         elif not self._in_flight:
             self._wake_idle()
 
-    def _answer(self, batch: list, error, first: int) -> None:
+    def _answer(self, batch: list, error, first: int, outcomes: dict | None = None) -> None:
         position = first
-        for values, callback, arg in batch:
+        for number, (values, callback, arg, _) in enumerate(batch):
             self.pending_events -= len(values)
-            callback(arg, error, position if error is None else 0)
-            position += len(values)
+            outcome = outcomes.get(number) if outcomes else None
+            if error is not None:
+                callback(arg, error, 0, None)
+            elif outcome is None:
+                callback(arg, None, position, None)
+                position += len(values)
+            elif outcome[0] is not None:
+                callback(arg, Conflict(outcome[0]), 0, None)
+            else:
+                callback(arg, None, position, outcome[1])
+                position += len(values) - len(outcome[1])
 
     def _wake_idle(self) -> None:
         for fut in self._idle_waiters:
@@ -206,6 +227,23 @@ class Writer:
         process.wait()
 
 
+def _outcomes(body: bytes) -> dict:
+    """The writer's report of the requests whose keys replayed or refused something:
+    request number -> (refused unit or None, {event index: original eid})."""
+    outcomes = {}
+    at = 0
+    while at < len(body):
+        number, conflict, count = OUTCOME.unpack_from(body, at)
+        at += OUTCOME.size
+        replaced = {}
+        for _ in range(count):
+            index, key = REPLACED.unpack_from(body, at)
+            at += REPLACED.size
+            replaced[index] = key_to_eid(key)
+        outcomes[number] = (None if conflict == NO_CONFLICT else conflict, replaced)
+    return outcomes
+
+
 class _WriterConnection(asyncio.Protocol):
     """The socket to the writer process: answers arrive here."""
 
@@ -220,9 +258,9 @@ class _WriterConnection(asyncio.Protocol):
             end = ANSWER.size + size
             if len(buffer) < end:
                 break
-            message = buffer[ANSWER.size:end].decode(errors="replace")
+            body = buffer[ANSWER.size:end]
             buffer = buffer[end:]
-            self.writer._answered(status, first, count, lock_seconds, message)
+            self.writer._answered(status, first, count, lock_seconds, body)
         self.buffer = buffer
 
     def connection_lost(self, exc) -> None:

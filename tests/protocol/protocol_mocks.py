@@ -98,7 +98,7 @@ class MockWriter:
         self.full = False
         self.position = 0
 
-    def submit(self, values, callback, arg) -> bool:
+    def submit(self, values, callback, arg, units=None) -> bool:
         if self.full:
             return False
         self.jobs.append((values, callback, arg))
@@ -108,7 +108,7 @@ class MockWriter:
         jobs, self.jobs = self.jobs, []
         for values, callback, arg in jobs:
             self.position += len(values)
-            callback(arg, error, self.position)
+            callback(arg, error, self.position, None)
 
 
 class CountingEids:
