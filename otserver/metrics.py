@@ -95,6 +95,7 @@ class Metrics:
             "commit_events": self.commit_events.snapshot(),
             "commit_seconds": self.commit_seconds.snapshot(),
             "events_stored": writer.events_stored,
+            "events_replayed": writer.events_replayed,
             "commits": writer.commits,
             "lock_seconds": writer.lock_seconds,
             "queue_events": writer.pending_events,
@@ -164,9 +165,9 @@ def render(snapshots: list[dict], store_info: dict, folder: dict | None,
     for snap in snapshots:
         requests.update(snap["requests"])
         refusals.update(snap["refusals"])
-        for key in ("events_stored", "commits", "queue_events", "connections",
-                    "live_subscribers", "live_dropped", "lock_seconds"):
-            sums[key] += snap[key]
+        for key in ("events_stored", "events_replayed", "commits", "queue_events",
+                    "connections", "live_subscribers", "live_dropped", "lock_seconds"):
+            sums[key] += snap.get(key, 0)
     lines = [
         "# HELP otserver_requests_total Answers sent, by endpoint and status.",
         "# TYPE otserver_requests_total counter",
@@ -182,6 +183,10 @@ def render(snapshots: list[dict], store_info: dict, folder: dict | None,
         "# HELP otserver_events_stored_total Events committed and synced.",
         "# TYPE otserver_events_stored_total counter",
         f"otserver_events_stored_total {sums['events_stored']}",
+        "# HELP otserver_events_replayed_total Events answered with the eid stored for their "
+        "idempotency key, storing nothing.",
+        "# TYPE otserver_events_replayed_total counter",
+        f"otserver_events_replayed_total {sums['events_replayed']}",
         "# HELP otserver_commits_total Write transactions committed by ingest.",
         "# TYPE otserver_commits_total counter",
         f"otserver_commits_total {sums['commits']}",

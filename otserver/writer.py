@@ -74,6 +74,7 @@ class Writer:
         self.last_commit = 0.0
         self.commits = 0
         self.events_stored = 0
+        self.events_replayed = 0  # answered with the eids their idempotency keys had stored
         self.lock_seconds = 0.0  # the log's write lock held by this server's commits
 
     # ------------------------------------------------------------------ the process
@@ -193,6 +194,7 @@ class Writer:
             else:
                 callback(arg, None, position, outcome[1])
                 position += len(values) - len(outcome[1])
+                self.events_replayed += len(outcome[1])
 
     def _wake_idle(self) -> None:
         for fut in self._idle_waiters:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -56,6 +57,9 @@ def test_a_repeated_header_key_answers_the_original_eid_and_stores_nothing(serve
     assert again.text == first.text
     assert server.counts()["events"] == 1
     assert [e["eid"] for e in stored(server, token) if e.get("ev") == "signup"][-1] == first.text
+    # counted as a replay: the shared server has replayed this one and maybe earlier tests'
+    assert re.search(r"^otserver_events_replayed_total [1-9]\d*$",
+                     server.get("/metrics").text, re.M)
 
 
 def test_an_event_key_is_kept_out_of_the_stored_properties(server, token):
@@ -227,6 +231,9 @@ def test_concurrent_duplicates_on_two_workers_store_one_event(make_server):
     assert len({a.text for a in answers}) == 1
     events = [e for e in stored(server, token) if e.get("ev") == "dup"]
     assert [e["eid"] for e in events] == [answers[0].text]
+    # /metrics adds up both workers: nineteen answers were replays (snapshots lag a little)
+    wait_until(lambda: re.search(r"^otserver_events_replayed_total 19$",
+                                 server.get("/metrics").text, re.M), timeout=10)
 
 
 def _entries(env, name: bytes) -> int:
