@@ -91,12 +91,14 @@ def test_the_session_blocks_pair_with_their_outputs():
 @pytest.fixture
 def quick_start(tmp_path):
     """The quick start's server: `otserver serve` in a directory, its store ./otdata; and
-    `.venv/bin/otserver` there, as the quick start's venv has it."""
+    `.venv/bin/otserver` and `.venv/bin/python` there, as the quick start's venv has them."""
     bin_dir = tmp_path / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
-    wrapper = bin_dir / "otserver"
-    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} -m otserver \"$@\"\n")
-    wrapper.chmod(0o755)
+    for name, command in (("otserver", f"{sys.executable} -m otserver"),
+                          ("python", sys.executable)):
+        wrapper = bin_dir / name
+        wrapper.write_text(f"#!/bin/sh\nexec {command} \"$@\"\n")
+        wrapper.chmod(0o755)
     server = RunningServer(tmp_path / "otdata").start()
     yield tmp_path, server
     server.stop()
