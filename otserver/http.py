@@ -27,7 +27,7 @@ PIXEL = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\x00\x00\x00!\xf9\x04\x
          b"\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
 
 CORS_HEADERS = (b"Access-Control-Allow-Origin: *\r\n"
-                b"Access-Control-Expose-Headers: X-Eid\r\n"
+                b"Access-Control-Expose-Headers: X-Eid, Retry-After\r\n"
                 b"Cache-Control: no-store\r\n")
 PREFLIGHT_HEADERS = (("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
                      ("Access-Control-Allow-Headers", "Content-Type, Idempotency-Key"),

@@ -135,9 +135,9 @@ def test_a_json_body_over_the_body_limit_is_413(server):
 
 def test_the_page_may_read_the_eid_and_send_json_and_an_idempotency_key(server):
     resp = server.track(si=SITE)
-    assert resp.headers.get("access-control-expose-headers") == "X-Eid"
+    assert resp.headers.get("access-control-expose-headers") == "X-Eid, Retry-After"
     pixel = server.get(f"/pixel.gif?si={SITE}")
-    assert pixel.headers.get("access-control-expose-headers") == "X-Eid" and pixel.headers["x-eid"]
+    assert pixel.headers.get("access-control-expose-headers") == "X-Eid, Retry-After" and pixel.headers["x-eid"]
     preflight = server.request("OPTIONS", "/batch", headers={
         "Origin": "https://shop.example", "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "content-type, idempotency-key"})

@@ -165,7 +165,7 @@ class Harness:
 def ok_eid(n: int, close: bool = False) -> bytes:
     """The exact bytes of the n-th ingest answer."""
     return (b"HTTP/1.1 200 OK\r\n" + DATE + b"X-Content-Type-Options: nosniff\r\n"
-            b"Access-Control-Allow-Origin: *\r\nAccess-Control-Expose-Headers: X-Eid\r\n"
+            b"Access-Control-Allow-Origin: *\r\nAccess-Control-Expose-Headers: X-Eid, Retry-After\r\n"
             b"Cache-Control: no-store\r\n"
             b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: 36\r\n"
             + (http.CLOSE if close else b"") + b"\r\n"
@@ -176,7 +176,7 @@ def error(status: int, reason: str, *, cors: bool = True, close: bool = True,
           headers: bytes = b"") -> bytes:
     body = (reason + "\n").encode()
     return (http.STATUS_LINES[status] + DATE + b"X-Content-Type-Options: nosniff\r\n"
-            + (b"Access-Control-Allow-Origin: *\r\nAccess-Control-Expose-Headers: X-Eid\r\n"
+            + (b"Access-Control-Allow-Origin: *\r\nAccess-Control-Expose-Headers: X-Eid, Retry-After\r\n"
             b"Cache-Control: no-store\r\n" if cors else b"")
             + headers + b"Content-Type: text/plain; charset=utf-8\r\n"
             + b"Content-Length: %d\r\n" % len(body) + (http.CLOSE if close else b"")
