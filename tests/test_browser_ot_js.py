@@ -11,7 +11,6 @@ import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from urllib.parse import quote
 
 import pytest
 from playwright.sync_api import sync_playwright

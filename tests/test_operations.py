@@ -220,5 +220,5 @@ def test_access_log_escapes_request_data(make_server):
     # client as stored (anonymised), method, path (escaped), status, bytes, duration
     assert any(re.search(r' access 127\.0\.0\.0 GET /x"y%0a\\x5c 404 \d+ \d+\.\d\dms$', line)
                for line in lines), lines
-    assert any(re.search(r" access 127\.0\.0\.0 GET / 200 281 \d+\.\d\dms$", line)
+    assert any(re.search(r" access 127\.0\.0\.0 GET / 200 294 \d+\.\d\dms$", line)
                for line in lines), lines
