@@ -134,6 +134,7 @@ def wait_stored(server, token: str, si: str, count: int, timeout: float = 10.0,
     while True:
         events = stored(server, token, si)
         if len(events) >= count:
+            pump(0.05)  # so the requests that stored them have been dispatched to the test too
             return events
         if time.monotonic() > deadline:
             raise AssertionError(f"{si}: {len(events)} events stored, not {count}, after "

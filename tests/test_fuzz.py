@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 from conftest import RunningServer
 from otserver.config import Config
 from otserver.errors import BadRequest
+from otserver.idempotency import KEY_PROPERTY
 from otserver.model import parse_properties
 
 CONFIG = Config()
@@ -619,7 +620,7 @@ def _get_json(server: RunningServer, target: str, token: str) -> dict:
 
 @settings(max_examples=250, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(pairs=property_pairs(exclude=("si", "sid", "uid", "eid", "unixtimestamp")),
+@given(pairs=property_pairs(exclude=("si", "sid", "uid", "eid", "unixtimestamp", KEY_PROPERTY)),
        how=ENCODINGS, sid=ID_VALUES, uid=ID_VALUES, order=st.randoms(use_true_random=False))
 def test_valid_events_round_trip_through_the_read_api(reader, pairs, how, sid, uid, order):
     server, token = reader
