@@ -10,6 +10,7 @@ import os
 import sys
 import time
 
+from .agents import DERIVED_FIELDS
 from .api import new_token, token_digest, token_id
 from .config import format_setting
 from .folder import catch_up, folder_running
@@ -134,28 +135,89 @@ def backup(store, dest: str, *, out=sys.stderr) -> int:
 
 
 def export(store, config, si: str, start_ms: int | None, end_ms: int | None, *,
+           fmt: str = "ndjson", columns: list[str] | None = None,
            out=sys.stdout, err=sys.stderr, page: int = 10_000) -> int:
-    """Write a site's events with start_ms <= time < end_ms as NDJSON, in log order."""
+    """Write a site's events with start_ms <= time < end_ms as NDJSON (or CSV), in log
+    order."""
     from .api import positions_between, site_event_lines
     catch_up(store.log, store.views, config)
     progress = err.isatty()
     start, end = positions_between(store.log, start_ms, end_ms)
-    written = 0
-    while True:
-        lines, positions = site_event_lines(store.log, store.views, si, start, end, page)
-        if lines:
-            out.write("\n".join(lines) + "\n")
-        written += len(lines)
-        if progress:
-            err.write(f"\rexported {written:,} events")
-            err.flush()
-        if len(positions) < page:
-            break
-        start = positions[-1] + 1
+    if fmt == "csv":
+        written = _export_csv(store, si, start, end, columns, out, err, progress, page)
+    else:
+        written = 0
+        while True:
+            lines, positions = site_event_lines(store.log, store.views, si, start, end, page)
+            if lines:
+                out.write("\n".join(lines) + "\n")
+            written += len(lines)
+            if progress:
+                err.write(f"\rexported {written:,} events")
+                err.flush()
+            if len(positions) < page:
+                break
+            start = positions[-1] + 1
     if progress:
         err.write("\n")
     print(f"exported {written} events of site {si!r}", file=err)
     return 0
+
+
+def _site_payloads(store, si: str, start: int, end: int, page: int, last: list):
+    """The site's events at positions start <= p < end as payloads, one read transaction a
+    page (none held while the caller works); last[0] is the position of the last listed."""
+    from .api import site_event_payloads
+    while True:
+        payloads, positions = site_event_payloads(store.log, store.views, si, start, end, page)
+        if positions:
+            last[0] = positions[-1]
+        yield from payloads
+        if len(positions) < page:
+            return
+        start = positions[-1] + 1
+
+
+def _export_csv(store, si, start, end, columns, out, err, progress, page) -> int:
+    """CSV on out's bytes: with `columns`, one pass; else a first pass finds the columns (the
+    union over the export), and the second writes the events the first one saw."""
+    from .csvformat import columns_for, csv_header, csv_rows
+    if columns is None:
+        last = [start - 1]
+        scanned = 0
+
+        def counted(payloads):
+            nonlocal scanned
+            for scanned, payload in enumerate(payloads, 1):
+                if progress and scanned % page == 0:
+                    err.write(f"\rscanned {scanned:,} events")
+                    err.flush()
+                yield payload
+        columns = columns_for(counted(_site_payloads(store, si, start, end, page, last)))
+        if progress and scanned:
+            err.write(f"\rscanned {scanned:,} events\n")
+        end = last[0] + 1  # events folded since the first pass are left out, not half-written
+    sink = getattr(out, "buffer", out)
+    out.flush()
+    sink.write(csv_header(columns))
+    written = 0
+    chunk: list = []
+    for payload in _site_payloads(store, si, start, end, page, [0]):
+        chunk.append(payload)
+        if len(chunk) == page:
+            sink.write(csv_rows(chunk, columns))
+            written += len(chunk)
+            chunk.clear()
+            if progress:
+                err.write(f"\rexported {written:,} events")
+                err.flush()
+    if chunk:
+        sink.write(csv_rows(chunk, columns))
+        written += len(chunk)
+    sink.flush()
+    if progress:
+        err.write(f"\rexported {written:,} events")
+    return written
 
 
 def import_events(store, lines, config, *, err=sys.stderr, batch_size: int = 1000) -> int:
@@ -204,7 +266,9 @@ def import_events(store, lines, config, *, err=sys.stderr, batch_size: int = 100
             print(f"otserver: line {number}: {exc}", file=err)
             flush()
             return 1
-        event = Event(eid, key, ts, si, sid, uid, props, item.get("captured") or None)
+        captured = {name: value for name, value in (item.get("captured") or {}).items()
+                    if name not in DERIVED_FIELDS}  # the read API derives them again
+        event = Event(eid, key, ts, si, sid, uid, props, captured or None)
         if ts < newest:
             flush()
             with event_log.read() as txn:

@@ -27,11 +27,13 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from urllib.parse import parse_qsl, unquote_to_bytes
 
-from . import http
+from . import csvformat, http, tallies
+from .agents import agent_fields
 from .errors import HttpError
 from .handler import Deferred, LiveStream
 from .model import (R_CAPTURED, R_COUNT, R_FIRST, R_LAST, EidGenerator, eid_to_key,
-                    encode_erasure, folded_record, now_ms, session_key, site_key, user_key)
+                    encode_erasure, folded_record, now_ms, session_key, site_key, unpackb,
+                    user_key)
 
 log = logging.getLogger("otserver")
 ADMIN_SITE = "*"
@@ -39,6 +41,7 @@ TOKEN_PREFIX = "ot_"
 MAX_TIME_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
 BUCKETS = {"minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
 END = 1 << 63  # past every position
+CSV = b"text/csv; charset=utf-8"
 
 
 def new_token() -> str:
@@ -105,7 +108,8 @@ class Api:
         self.eids = EidGenerator()
         self.routes = {b"events": self._event, b"sessions": self._session, b"users": self._user}
         self.collections = {b"events": self._list_events, b"stats": self._stats,
-                            b"live": self._live}
+                            b"live": self._live, b"breakdown": self._breakdown,
+                            b"sites": self._sites}  # sites: no si, see _handle
 
     def handle(self, req):
         try:
@@ -131,6 +135,8 @@ class Api:
                             headers=(("Allow", b", ".join(allowed).decode()),))
         site = self._authorize(req)
         params = self._params(req.query)
+        if kind == b"sites":
+            return self._sites(req, site)
         si = params.get("si")
         if not si:
             raise HttpError(400, "missing query parameter: si")
@@ -324,17 +330,37 @@ class Api:
         limit = self._page(params, default=self.config.max_page_size,
                            most=self.config.max_listing_page)
         after = parse_position(params)
-        return self._read(self._read_listing,
-                          (si, start_ms, end_ms, after, limit, req.head, req.close), req)
+        form = params.get("format") or "ndjson"
+        if form not in ("ndjson", "csv"):
+            raise HttpError(400, "format must be ndjson or csv")
+        try:
+            columns = csvformat.parse_columns(params.get("columns"))
+        except ValueError as exc:
+            raise HttpError(400, f"columns: {exc}") from None
+        if columns is not None and form != "csv":
+            raise HttpError(400, "columns is for format=csv")
+        return self._read(self._read_listing, (si, start_ms, end_ms, after, limit, req.head,
+                                               req.close, form, columns), req)
 
-    def _read_listing(self, si, start_ms, end_ms, after, limit, head, close) -> bytes:
+    def _read_listing(self, si, start_ms, end_ms, after, limit, head, close, form="ndjson",
+                      columns=None) -> bytes:
         start, end = positions_between(self.log, start_ms, end_ms)
         if after is not None:
             start = max(start, after + 1)
-        lines, positions = site_event_lines(self.log, self.views, si, start, end, limit)
-        body = ("\n".join(lines) + "\n").encode() if lines else b""
-        headers = (("X-Next-After", str(positions[-1])),) if positions else ()
-        return http.render(200, body, content_type=http.NDJSON, head=head, headers=headers,
+        headers = ()
+        if form == "csv":
+            payloads, positions = site_event_payloads(self.log, self.views, si, start, end,
+                                                      limit)
+            columns = csvformat.columns_for(payloads, columns)
+            body = csvformat.csv_header(columns) + csvformat.csv_rows(payloads, columns)
+            content_type = CSV
+        else:
+            lines, positions = site_event_lines(self.log, self.views, si, start, end, limit)
+            body = ("\n".join(lines) + "\n").encode() if lines else b""
+            content_type = http.NDJSON
+        if positions:
+            headers = (("X-Next-After", str(positions[-1])),)
+        return http.render(200, body, content_type=content_type, head=head, headers=headers,
                            close=close)
 
     def _stats(self, req, si: str, params: dict) -> Deferred:
@@ -342,28 +368,93 @@ class Api:
         size = BUCKETS.get(bucket)
         if size is None:
             raise HttpError(400, "bucket must be minute, hour or day")
+        start, end = self._range(params)
+        return self._read(self._read_stats,
+                          (si, bucket, size, start, end, _include_bots(params)), req)
+
+    @staticmethod
+    def _range(params: dict) -> tuple[int, int]:
         end = parse_time(params, "to", now_ms() + 1)
         start = parse_time(params, "from", end - 86_400_000)
         if start >= end:
             raise HttpError(400, "from must be before to")
-        return self._read(self._read_stats, (si, bucket, size, start, end), req)
+        return start, end
 
-    def _read_stats(self, si: str, bucket: str, size: int, start: int, end: int) -> dict:
+    def _read_stats(self, si: str, bucket: str, size: int, start: int, end: int,
+                    include_bots: bool) -> dict:
         buckets: dict[int, list] = {}
+        site = site_key(si)
         with self.views.read() as txn:
             for minute, counter in self.views.minute_counters(
-                    txn, site_key(si), start // 60_000, -(-end // 60_000)):
+                    txn, site, start // 60_000, -(-end // 60_000)):
                 first = minute * 60_000 // size * size
                 into = buckets.setdefault(first, [0, 0, 0])
                 for i in range(3):
                     into[i] += counter[i]
-        rows = [{"start": first, "events": c[0], "new_sessions": c[1], "new_users": c[2]}
-                for first, c in sorted(buckets.items())]
+                    if include_bots and len(counter) > 3:
+                        into[i] += counter[i + 3]
+            latest = tallies.open_day(txn, self.views.db, site)
+            rows = []
+            for first, c in sorted(buckets.items()):
+                if not any(c):
+                    continue
+                sessions, visitors = tallies.uniques(
+                    txn, self.views.db, site,
+                    tallies.cover(max(first, start), min(first + size, end), open_day=latest),
+                    include_bots)
+                rows.append({"start": first, "events": c[0], "new_sessions": c[1],
+                             "new_users": c[2], "sessions": sessions, "visitors": visitors})
+            sessions, visitors = tallies.uniques(
+                txn, self.views.db, site, tallies.cover(start, end, open_day=latest), include_bots)
         totals = {"events": sum(r["events"] for r in rows),
                   "new_sessions": sum(r["new_sessions"] for r in rows),
-                  "new_users": sum(r["new_users"] for r in rows)}
-        return {"si": si, "bucket": bucket, "from": start, "to": end, "buckets": rows,
-                "totals": totals}
+                  "new_users": sum(r["new_users"] for r in rows),
+                  "sessions": sessions, "visitors": visitors}
+        return {"si": si, "bucket": bucket, "from": start, "to": end,
+                "include_bots": include_bots, "buckets": rows, "totals": totals}
+
+    def _breakdown(self, req, si: str, params: dict) -> Deferred:
+        names = self.views.reporting.dimensions.names
+        by = params.get("by")
+        if by not in names:
+            raise HttpError(400, "by must be one of " + ", ".join(names))
+        start, end = self._range(params)
+        limit = self._page(params, default=10)
+        return self._read(self._read_breakdown,
+                          (si, by, start, end, limit, _include_bots(params)), req)
+
+    def _read_breakdown(self, si: str, by: str, start: int, end: int, limit: int,
+                        include_bots: bool) -> dict:
+        site = site_key(si)
+        with self.views.read() as txn:
+            pieces = tallies.cover(start, end, b"hd",  # hours: breakdowns have no minutes
+                                   open_day=tallies.open_day(txn, self.views.db, site))
+            rows = tallies.breakdown(txn, self.views.db, site, by, pieces, include_bots, limit)
+        first, last = pieces[0], pieces[-1]
+        return {"si": si, "by": by, "from": first[1] * tallies.GRAIN_MS[first[0]],
+                "to": (last[1] + 1) * tallies.GRAIN_MS[last[0]], "include_bots": include_bots,
+                "rows": rows}
+
+    def _sites(self, req, site: str) -> Deferred:
+        return self._read(self._read_sites, (None if site == ADMIN_SITE else site,), req)
+
+    def _read_sites(self, only: str | None) -> dict:
+        """Each site (or the one a site token is for): first seen, last event, events held."""
+        first_day = (now_ms() - int(self.config.ttl_s * 1000)) // tallies.DAY_MS
+        out = []
+        with self.views.read() as txn:
+            db = self.views.db
+            records = ([(site_key(only), txn.get(site_key(only), db=db["sites"]))]
+                       if only is not None else txn.cursor(db=db["sites"]).iternext())
+            for site, raw in records:
+                if raw is None:
+                    continue
+                record = unpackb(raw)
+                out.append({"si": record[0], "first_seen": record[1],
+                            "last_event": record[2] if len(record) > 2 else None,
+                            "events": tallies.events_since(txn, db, bytes(site), first_day)})
+        out.sort(key=lambda row: row["si"])
+        return {"sites": out}
 
     def _live(self, req, si: str, params: dict):
         if req.head:
@@ -438,20 +529,25 @@ def positions_between(event_log, start_ms: int | None, end_ms: int | None) -> tu
     return start, end
 
 
-def site_event_lines(event_log, views, si: str, start: int, end: int,
-                     limit: int) -> tuple[list[str], list[int]]:
-    """NDJSON lines of a site's events at positions start <= p < end (at most limit), and the
+def site_event_payloads(event_log, views, si: str, start: int, end: int,
+                        limit: int) -> tuple[list[dict], list[int]]:
+    """The payloads of a site's events at positions start <= p < end (at most limit), and the
     positions listed (an entry gone from the log since is skipped, its position kept)."""
     with views.read() as txn:
         positions = views.site_positions(txn, site_key(si), start, end, limit)
-    lines = []
     with event_log.read() as txn:
-        for position in positions:
-            entry = event_log.get(txn, position)
-            if entry is not None:
-                lines.append(json.dumps(event_payload(entry), ensure_ascii=False,
-                                        separators=(",", ":")))
-    return lines, positions
+        payloads = [event_payload(entry) for entry in
+                    (event_log.get(txn, position) for position in positions)
+                    if entry is not None]
+    return payloads, positions
+
+
+def site_event_lines(event_log, views, si: str, start: int, end: int,
+                     limit: int) -> tuple[list[str], list[int]]:
+    """NDJSON lines of a site's events (as site_event_payloads)."""
+    payloads, positions = site_event_payloads(event_log, views, si, start, end, limit)
+    return [json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+            for payload in payloads], positions
 
 
 def parse_position(params: dict, name: str = "after") -> int | None:
@@ -484,7 +580,23 @@ def parse_time(params: dict, name: str, default):
 
 
 def event_payload(entry) -> dict:
-    return {"event": entry.record(), "captured": entry.captured or {}}
+    """An event as the read API gives it; with a captured User-Agent, what it tells too
+    (browser, os, device, and bot: true for a known bot)."""
+    return {"event": entry.record(), "captured": with_agent(entry.captured or {})}
+
+
+def with_agent(captured: dict) -> dict:
+    user_agent = captured.get("user_agent")
+    if user_agent is None:
+        return captured
+    return {**captured, **agent_fields(user_agent)}
+
+
+def _include_bots(params: dict) -> bool:
+    text = params.get("include_bots", "false").lower()
+    if text not in ("true", "false", "1", "0"):
+        raise HttpError(400, "include_bots must be true or false")
+    return text in ("true", "1")
 
 
 def sse_event(entry) -> bytes:
@@ -494,7 +606,7 @@ def sse_event(entry) -> bytes:
 
 
 def record_payload(kind: str, record: list) -> dict:
-    return {kind: folded_record(record, kind), "captured": record[R_CAPTURED],
+    return {kind: folded_record(record, kind), "captured": with_agent(record[R_CAPTURED]),
             "first_seen": record[R_FIRST], "last_seen": record[R_LAST],
             "event_count": record[R_COUNT]}
 

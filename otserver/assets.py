@@ -1,6 +1,7 @@
-"""Files otserver serves from the package (`GET /ot.js`): read once at import, with their
-ETag and a gzip copy, so an answer costs no disk read and no compression. Pure: no I/O after
-import.
+"""Files otserver serves from the package: `GET /ot.js`, and the dashboard (`GET /dashboard`
+is `static/dashboard/index.html`, `GET /dashboard/NAME` the other files of that folder). Read
+once at import, with their ETag and a gzip copy, so an answer costs no disk read and no
+compression. Pure: no I/O after import.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from importlib import resources
 from . import http
 
 JAVASCRIPT = b"application/javascript; charset=utf-8"
+TYPES = {".js": JAVASCRIPT, ".html": b"text/html; charset=utf-8", ".css": b"text/css; charset=utf-8",
+         ".svg": b"image/svg+xml", ".png": b"image/png", ".txt": b"text/plain; charset=utf-8"}
 MAX_AGE_S = 3600  # a site's pages pick up a new ot.js within the hour
 
 
@@ -48,8 +51,21 @@ def _accepts_gzip(value: bytes) -> bool:
     return False
 
 
-def _load(name: str, content_type: bytes) -> Asset:
-    return Asset(resources.files(__package__).joinpath("static", name).read_bytes(), content_type)
+def _load(path) -> Asset:
+    return Asset(path.read_bytes(), TYPES.get("." + path.name.rpartition(".")[2],
+                                              b"application/octet-stream"))
 
 
-ASSETS = {b"/ot.js": _load("ot.js", JAVASCRIPT)}
+def _assets() -> dict[bytes, Asset]:
+    static = resources.files(__package__).joinpath("static")
+    assets = {b"/ot.js": _load(static.joinpath("ot.js"))}
+    dashboard = static.joinpath("dashboard")
+    if dashboard.is_dir():
+        for path in dashboard.iterdir():
+            if path.is_file():
+                name = "" if path.name == "index.html" else "/" + path.name
+                assets[("/dashboard" + name).encode()] = _load(path)
+    return assets
+
+
+ASSETS = _assets()

@@ -55,6 +55,10 @@ FIELD_HELP = {
     "fold_delay_s": "how long entries may gather before a fold when no read waits for them",
     "max_view_lag": "log entries not yet folded past which ingest answers 503",
     "max_read_wait_s": "how long a read waits for the views to reach its position (then 503)",
+    "breakdown_properties": "comma-separated properties that breakdowns count, beside the "
+                            "built-in dimensions",
+    "breakdown_values": "values a breakdown keeps per site, dimension and hour (and day); "
+                        "the rest count as (other)",
     "tls_cert": "PEM certificate (chain) file: serve HTTPS",
     "tls_key": "PEM private key file for --tls-cert",
     "access_log": "log one line per answered request (off by default)",
@@ -122,12 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="counts, sizes, oldest and newest event")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     _add_config_flags(info, data_dir_only)
-    export = sub.add_parser("export", help="write a site's events as NDJSON on stdout")
+    export = sub.add_parser("export", help="write a site's events as NDJSON (or CSV) on stdout")
     export.add_argument("--si", required=True, help="the site")
     export.add_argument("--from", dest="start", default=None,
                         help="first time (unix ms or ISO 8601; default: the oldest)")
     export.add_argument("--to", dest="end", default=None,
                         help="end time, exclusive (unix ms or ISO 8601; default: now)")
+    export.add_argument("--format", dest="fmt", choices=("ndjson", "csv"), default="ndjson",
+                        help="NDJSON, one {event, captured} a line (the default; what import "
+                        "reads), or CSV with a header")
+    export.add_argument("--columns", default=None,
+                        help="CSV only: the columns, comma-separated (captured fields as "
+                        "captured.ip); default: every property and captured field")
     _add_config_flags(export, data_dir_only)
     importer = sub.add_parser("import", help="store events from NDJSON (as export writes it)")
     importer.add_argument("file", nargs="?", default="-", help="NDJSON file (default: stdin)")
@@ -176,6 +186,18 @@ def _require_store(command: str, data_dir: str) -> None:
         raise SystemExit(f"otserver {command}: {os.path.abspath(data_dir)} holds no otserver "
                          "store (give the server's --data-dir, or start `otserver serve` there "
                          "once to create one)")
+
+
+def _export_columns(args: argparse.Namespace) -> list[str] | None:
+    if args.columns is None:
+        return None
+    if args.fmt != "csv":
+        raise SystemExit("otserver export: --columns needs --format csv")
+    from .csvformat import parse_columns
+    try:
+        return parse_columns(args.columns)
+    except ValueError as exc:
+        raise SystemExit(f"otserver export: --columns: {exc}") from None
 
 
 def serve(config: Config) -> int:
@@ -238,7 +260,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
         if args.command == "export":
             times = {"from": args.start, "to": args.end}
             return admin.export(store, config, args.si, api.parse_time(times, "from", None),
-                                api.parse_time(times, "to", None))
+                                api.parse_time(times, "to", None), fmt=args.fmt,
+                                columns=_export_columns(args))
         if args.command == "import":
             if args.file == "-":
                 return admin.import_events(store, sys.stdin, config)

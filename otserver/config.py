@@ -128,6 +128,10 @@ class Config:
     sweep_interval_s: float = 60.0
     sweep_step_limit: int = 500
 
+    # reports (SPEC 5)
+    breakdown_properties: str = ""  # comma-separated property names, beside the built-ins
+    breakdown_values: int = 1000  # values per site, dimension and hour (and day); more: (other)
+
     # operations
     tls_cert: str = ""
     tls_key: str = ""
@@ -259,6 +263,10 @@ def check(config: Config) -> None:
                          "with the same key is answered with the original eids (default 24h)")
     if config.sweep_step_limit < 1 or config.fold_batch_events < 1:
         raise ValueError("--sweep-step-limit and --fold-batch-events: at least 1")
+    if config.breakdown_values < 1:
+        raise ValueError("--breakdown-values: at least 1")
+    from .dimensions import parse_names
+    parse_names(config.breakdown_properties)  # ValueError naming the flag
     if config.max_store_bytes < config.initial_store_bytes:
         raise ValueError("--max-store-bytes is smaller than --initial-store-bytes")
     if config.data_dir and os.path.exists(config.data_dir) and not os.path.isdir(config.data_dir):

@@ -66,6 +66,7 @@ def migrate_v1(data_dir: str, *, initial_bytes: int, max_bytes: int) -> None:
             events, swept = _copy_events(old, db, event_log)
             _copy_tokens(old, db, event_log)
             _convert_views(old, db, event_log, views, swept)
+            views.count_reports(event_log)  # 0.1 had no distinct counts nor breakdowns
         finally:
             event_log.close()
             views.close()

@@ -16,12 +16,14 @@ import os
 
 from .lmdbenv import SchemaError
 from .log import EventLog, log_path
+from .dimensions import parse_names
+from .tallies import Reporting
 from .views import Views, views_path
 
 
 class Store:
     def __init__(self, data_dir: str, *, initial_bytes: int = 64 << 20,
-                 max_bytes: int = 64 << 30, readonly: bool = False):
+                 max_bytes: int = 64 << 30, readonly: bool = False, reporting=None):
         from .migrate import has_v1_store, migrate_v1
         self.path = data_dir
         if has_v1_store(data_dir):
@@ -36,7 +38,7 @@ class Store:
                             max_bytes=max_bytes, readonly=readonly)
         try:
             self.views = Views(views_path(data_dir), initial_bytes=initial_bytes,
-                               max_bytes=max_bytes, readonly=readonly)
+                               max_bytes=max_bytes, readonly=readonly, reporting=reporting)
         except BaseException:
             self.log.close()
             raise
@@ -62,4 +64,10 @@ class Store:
 
 def open_store(config, *, readonly: bool = False) -> Store:
     return Store(config.data_dir, initial_bytes=config.initial_store_bytes,
-                 max_bytes=config.max_store_bytes, readonly=readonly)
+                 max_bytes=config.max_store_bytes, readonly=readonly,
+                 reporting=reporting_of(config))
+
+
+def reporting_of(config) -> Reporting:
+    """What the views count for reports, as configured."""
+    return Reporting(parse_names(config.breakdown_properties), config.breakdown_values)

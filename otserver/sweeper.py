@@ -5,7 +5,8 @@
 
 Invariants:
 - A step deletes at most `limit` things: the log's expired prefix first (times never decrease
-  along the log, so the expired entries are a prefix of it), then counters of expired minutes,
+  along the log, so the expired entries are a prefix of it), then counters of expired minutes
+  (and the report counters of expired periods),
   then sessions and users whose last event is older than the TTL (the expiry index); and up to
   `limit` idempotency keys older than their window, in a transaction of their own.
 - The sweeper deletes only entries the views have folded (up to the watermark).
@@ -19,6 +20,7 @@ import logging
 import time
 
 from .model import LogEntry, ident_key, now_ms, site_key
+from .tallies import delete_before
 from .views import HOUR_MS, KIND_SESSION, MINUTE_MS, R_LAST
 
 log = logging.getLogger("otserver")
@@ -63,6 +65,8 @@ def sweep_step(event_log, views, now_ms: int, ttl_ms: int, limit: int = 500,
         cutoff_minute = (max(cutoff, 0) // MINUTE_MS).to_bytes(4, "big")
         for site in txn.cursor(db=views.db["sites"]).iternext(values=False):
             budget -= views._delete_counters_before(txn, site, cutoff_minute, budget)
+            if budget > 0:
+                budget -= delete_before(txn, views.db, views.reporting, site, cutoff, budget)
             if budget <= 0:
                 done["more"] = True
                 return

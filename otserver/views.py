@@ -13,9 +13,11 @@ Environment `<data dir>/views` (keys are bytes; values msgpack unless said):
   expiry          hour(4) + b"S"|b"U" + record key    -> b""  (records by the hour of their
                   last event: the sweeper's range scan; moved only when that hour changes)
   site_events     site(8) + position(8)               -> b""  (a site's events in log order)
-  stats           site(8) + minute(4)                 -> [events, new sessions, new users]
-                  (events sent with increment=false are not counted; no entry is all zeros)
-  sites           site(8)                             -> [si, first_ts]
+  stats           site(8) + minute(4)                 -> [events, new sessions, new users,
+                  the same three for bots] (events sent with increment=false are not
+                  counted; no entry is all zeros; one of 0.2 holds the first three only)
+  sites           site(8)                             -> [si, first_ts, last_ts]
+  uniques, breakdowns, site_days: the report counters (tallies.py)
   meta            b"schema" -> SCHEMA, b"watermark" -> position(8),
                   b"purge" -> [[position, result, [positions]], ...] (erasures whose purge of
                   the log is still to do: see folder.py)
@@ -34,14 +36,16 @@ from __future__ import annotations
 
 import os
 
+from .agents import classify
 from .lmdbenv import Environment
 from .model import (POSITION_BYTES, R_COUNT, R_FIRST, R_LAST, R_OTHER, R_TAIL, SESSION_CHUNK,
-                    chunk_key, fold, ident_key, packb, pair_key, position_bytes, site_key,
+                    LogEntry, chunk_key, fold, ident_key, packb, pair_key, position_bytes, site_key,
                     split_positions, unpackb)
+from .tallies import DAY_MS, NAMES as TALLY_NAMES, Reporting, Tally, open_day, period_bytes
 
 SCHEMA = b"2"
 NAMES = ("sessions", "users", "session_chunks", "user_sessions", "session_users", "user_pairs",
-         "expiry", "site_events", "stats", "sites")
+         "expiry", "site_events", "stats", "sites") + TALLY_NAMES
 DUPSORT = frozenset(("user_sessions", "session_users"))
 KIND_SESSION, KIND_USER = b"S", b"U"
 MINUTE_MS = 60_000
@@ -60,7 +64,8 @@ def expiry_key(kind: bytes, key: bytes, last_ts: int) -> bytes:
 
 class Views:
     def __init__(self, path: str, *, initial_bytes: int = 64 << 20, max_bytes: int = 64 << 30,
-                 readonly: bool = False, environment: Environment | None = None):
+                 readonly: bool = False, environment: Environment | None = None,
+                 reporting: Reporting | None = None):
         # Data pages are synced at each commit and the meta page is not (MDB_NOMETASYNC): a
         # machine crash may undo the last fold, which resumes from the watermark it restores;
         # the database itself stays whole. (`environment`: share one, as bench/envs.py does.)
@@ -68,6 +73,7 @@ class Views:
             path, NAMES, schema=SCHEMA, dupsort=DUPSORT, initial_bytes=initial_bytes,
             max_bytes=max_bytes, readonly=readonly, metasync=False, what="views")
         self.path = path
+        self.reporting = reporting or Reporting()
         self.db = self.store.db
         self.read = self.store.read
         self.write = self.store.write
@@ -114,6 +120,43 @@ class Views:
             self.put_pending_purges(txn, self.pending_purges(txn) + erasures)
         return erasures
 
+    def count_reports(self, log, chunk: int = 20_000) -> None:
+        """Fill the report counters (tallies.py) from the log's events up to the watermark,
+        leaving the records alone: for views converted from a store that had none (migrate.py).
+        The sites' last event times are set from the log too."""
+        last: dict[bytes, int] = {}
+        after, end = 0, self.watermark()
+        while after < end:
+            with log.read() as log_txn:
+                entries = [LogEntry(p, raw) for p, raw in
+                           log.entries_after(log_txn, after, chunk, until=end)]
+            if not entries:
+                break
+            after = entries[-1].position
+
+            def count(txn, entries=entries):
+                tally = Tally(txn, self.db, self.reporting)
+                for entry in entries:
+                    if entry.is_event:
+                        site = site_key(entry.si)
+                        tally.add(site, entry, entry.counted())
+                        last[site] = entry.ts
+                tally.flush()
+            self.write(count)
+
+        def finish(txn):
+            tally = Tally(txn, self.db, self.reporting)
+            for site, ts in last.items():
+                raw = txn.get(site, db=self.db["sites"])
+                if raw is None:
+                    continue
+                record = unpackb(raw)
+                txn.put(site, packb([record[0], record[1], ts]), db=self.db["sites"])
+                days = {int.from_bytes(key[8:], "big") for key, _ in
+                        txn.cursor(db=self.db["site_days"]) if key[:8] == site}
+                tally.derive_days_again(site, sorted(d for d in days if d < ts // DAY_MS))
+        self.write(finish)
+
     def pending_purges(self, txn) -> list:
         raw = txn.get(b"purge", db=self.db["meta"])
         return unpackb(raw) if raw is not None else []
@@ -149,6 +192,8 @@ class Views:
         purge: list[int] = []
         deltas: dict[bytes, list] = {}
         user_first = None
+        erased_hours: set[int] = set()
+        erased_days: dict[int, int] = {}  # day -> events erased
         cur = txn.cursor(db=db["user_sessions"])
         links = list(cur.iternext_dup()) if cur.set_key(ukey) else []
         for link in links:
@@ -167,33 +212,60 @@ class Views:
                     (erased if entry.uid == uid else kept).append(entry)
             for entry in erased:
                 purge.append(entry.position)
+                erased_hours.add(entry.ts // HOUR_MS)
+                erased_days[entry.ts // DAY_MS] = erased_days.get(entry.ts // DAY_MS, 0) + 1
                 self._delete_site_event(txn, site, entry.position)
                 if entry.counted():
-                    _count(deltas, site, entry.ts, 0, -1)
+                    _count(deltas, site, entry, 0, -1)
                 if user_first is None or entry.position < user_first.position:
                     user_first = entry
             created_by_user = first is not None and first.uid == uid and first.counted()
             if not kept:
                 if created_by_user:
-                    _count(deltas, site, first.ts, 1, -1)
+                    _count(deltas, site, first, 1, -1)
                 self._delete_session(txn, skey)
                 done["sessions_removed"] += 1
                 continue
             if first is not None and first.uid == uid:  # the session now starts later
                 if created_by_user:
-                    _count(deltas, site, first.ts, 1, -1)
+                    _count(deltas, site, first, 1, -1)
                 if kept[0].counted():
-                    _count(deltas, site, kept[0].ts, 1, +1)
+                    _count(deltas, site, kept[0], 1, +1)
             self._refold_session(txn, skey, session, kept)
             self._unlink(txn, ukey, skey)
             done["sessions_refolded"] += 1
         done["events"] = len(purge)
         if user_first is not None and user_first.ts == user[R_FIRST] and user_first.counted():
-            _count(deltas, site, user_first.ts, 2, -1)
+            _count(deltas, site, user_first, 2, -1)
         self._delete_user(txn, ukey)
         self._add_counters(txn, deltas)
+        if erased_hours:
+            self._recount_hours(txn, site, erased_hours, log, log_txn)
         self._recheck_site(txn, site, log, log_txn)
+        if erased_hours:
+            tally = Tally(txn, self.db, self.reporting)
+            for entry_day, count in erased_days.items():
+                tally.days[site + period_bytes(entry_day)] = -count
+            tally.flush()
+            latest = open_day(txn, self.db, site)
+            tally.derive_days_again(site, sorted(
+                day for day in erased_days if latest is None or day < latest))
         return done, purge
+
+    def _recount_hours(self, txn, site: bytes, hours: set[int], log, log_txn) -> None:
+        """After an erasure: the report counters of the site's hours the user was in, counted
+        again from the events left in the log (a sketch cannot take an item out), their days
+        derived again, and the erased events taken off the events per day."""
+        tally = Tally(txn, self.db, self.reporting, days=False)
+        tally.forget_hours(site, hours)
+        for hour in sorted(hours):
+            start = log.position_at_time(log_txn, hour * HOUR_MS)
+            end = log.position_at_time(log_txn, (hour + 1) * HOUR_MS)
+            for position in self.site_positions(txn, site, start, end, 1 << 62):
+                entry = log.get(log_txn, position)
+                if entry is not None and entry.is_event:
+                    tally.add(site, entry, entry.counted())
+        tally.flush()
 
     def _refold_session(self, txn, skey: bytes, old: list, kept: list) -> None:
         """Rebuild a session record and its chunks from `kept` entries (in log order)."""
@@ -208,20 +280,28 @@ class Views:
         self._put_record(txn, KIND_SESSION, skey, record, old[R_LAST])
 
     def _recheck_site(self, txn, site: bytes, log, log_txn) -> None:
-        """After an erasure: the site's first time is that of its first event left."""
+        """After an erasure: the site's first and last times are those of its events left."""
         raw = txn.get(site, db=self.db["sites"])
         if raw is None:
             return
-        si, first_ts = unpackb(raw)
+        si = unpackb(raw)[0]
         cur = txn.cursor(db=self.db["site_events"])
+        first = last = None
         while cur.set_range(site) and cur.key()[:8] == site:
-            entry = log.get(log_txn, int.from_bytes(cur.key()[8:], "big"))
-            if entry is not None:
-                if entry.ts != first_ts:
-                    txn.put(site, packb([si, entry.ts]), db=self.db["sites"])
-                return
+            first = log.get(log_txn, int.from_bytes(cur.key()[8:], "big"))
+            if first is not None:
+                break
             cur.delete()  # names an entry gone from the log: nothing to keep it for
-        self._delete_site(txn, site)
+        if first is None:
+            self._delete_site(txn, site)
+            return
+        found = cur.set_range(site + b"\xff" * 9) and cur.prev() or cur.last()
+        while found and cur.key()[:8] == site:  # the last of the site's events left
+            last = log.get(log_txn, int.from_bytes(cur.key()[8:], "big"))
+            if last is not None:
+                break
+            found = cur.prev()
+        txn.put(site, packb([si, first.ts, (last or first).ts]), db=self.db["sites"])
 
     # ------------------------------------------------------------------ one helper per index
 
@@ -306,13 +386,17 @@ class Views:
         txn.delete(site + position_bytes(position), db=self.db["site_events"])
 
     def _add_counters(self, txn, deltas: dict) -> None:
-        """Add [events, new sessions, new users] per site-minute; an entry left at zero
-        events goes (it counts nothing any more)."""
+        """Add [events, new sessions, new users, and those of bots] per site-minute; an entry
+        left at zero events goes (it counts nothing any more)."""
         stats = self.db["stats"]
         for key, delta in deltas.items():
             raw = txn.get(key, db=stats)
-            counter = [a + b for a, b in zip(unpackb(raw), delta)] if raw is not None else delta
-            if counter[0] > 0:
+            if raw is not None:
+                old = unpackb(raw)
+                counter = [a + b for a, b in zip(old + [0] * (6 - len(old)), delta)]
+            else:
+                counter = delta
+            if counter[0] > 0 or counter[3] > 0:
                 txn.put(key, packb(counter), db=stats)
             elif raw is not None:
                 txn.delete(key, db=stats)
@@ -327,9 +411,26 @@ class Views:
             done += 1
         return done
 
-    def _note_site(self, txn, site: bytes, si: str, ts: int) -> None:
-        if txn.get(site, db=self.db["sites"]) is None:
-            txn.put(site, packb([si, ts]), db=self.db["sites"])
+    def _note_sites(self, txn, batch: dict) -> dict:
+        """Record each site's first and last event time, batch = {site: [si, first ts, last
+        ts]} of a batch. -> {site: the days now over whose report counters are to be derived
+        from their hours}: the site's latest day before, and the batch's days but its last."""
+        sites = txn.cursor(db=self.db["sites"])
+        over = {}
+        for site, (si, first, latest) in batch.items():
+            days = set(range(first // DAY_MS, latest // DAY_MS))
+            raw = sites.get(site)
+            if raw is not None:
+                record = unpackb(raw)
+                before = record[2] if len(record) > 2 else record[1]
+                if before // DAY_MS < latest // DAY_MS:
+                    days.add(before // DAY_MS)
+                first = record[1]
+                latest = max(latest, before)
+            sites.put(site, packb([si, first, latest]))
+            if days:
+                over[site] = sorted(days)
+        return over
 
     def _delete_site(self, txn, site: bytes) -> None:
         txn.delete(site, db=self.db["sites"])
@@ -434,7 +535,7 @@ class _Batch:
     (a method call and attribute loads per event were half of its time)."""
 
     __slots__ = ("views", "txn", "sessions", "users", "sessions_last", "users_last",
-                 "counters", "sites")
+                 "counters", "sites", "tally")
 
     def __init__(self, views: Views, txn):
         self.views = views
@@ -443,8 +544,10 @@ class _Batch:
         self.users: dict[bytes, list] = {}
         self.sessions_last: dict[bytes, int | None] = {}  # last_ts as stored before (None: new)
         self.users_last: dict[bytes, int | None] = {}
-        self.counters: dict[bytes, list] = {}  # site + minute -> [events, new sessions, new users]
-        self.sites: set[bytes] = set()
+        self.counters: dict[bytes, list] = {}  # site + minute -> [events, new sessions, new
+        #                                        users, the same for bots]
+        self.sites: dict[bytes, list] = {}  # site -> [si, first ts, last ts] of this batch
+        self.tally = Tally(txn, views.db, views.reporting)
 
     def add(self, entries) -> None:
         """Fold a run of events (log order) into the batch's records and the indexes."""
@@ -457,16 +560,21 @@ class _Batch:
         site_event_put = txn.cursor(db=db["site_events"]).put
         sessions, users, counters, sites = self.sessions, self.users, self.counters, self.sites
         sessions_last, users_last = self.sessions_last, self.users_last
+        tally_add = self.tally.add
         minute_of = None, None, None  # the last (site, minute) counted, and its counter
         for e in entries:
             site = site_key(e.si)
-            if site not in sites:
-                sites.add(site)
-                views._note_site(txn, site, e.si, e.ts)
+            seen = sites.get(site)
+            if seen is None:
+                sites[site] = [e.si, e.ts, e.ts]
+            else:
+                seen[2] = e.ts
             position = position_bytes(e.position)
             site_event_put(site + position, b"")  # views._put_site_event
             counter = None
-            if e.props.get("increment") != "false":
+            counted = e.props.get("increment") != "false"
+            bot = tally_add(site, e, counted)
+            if counted:
                 minute = e.ts // MINUTE_MS
                 if minute_of[0] == site and minute_of[1] == minute:
                     counter = minute_of[2]
@@ -474,9 +582,10 @@ class _Batch:
                     key = site + minute.to_bytes(4, "big")
                     counter = counters.get(key)
                     if counter is None:
-                        counter = counters[key] = [0, 0, 0]
+                        counter = counters[key] = [0] * 6
                     minute_of = site, minute, counter
-                counter[0] += 1
+                base = 3 if bot else 0
+                counter[base] += 1
 
             skey = site + ident_key(e.sid)
             session = sessions.get(skey)
@@ -486,7 +595,7 @@ class _Batch:
                     sessions_last[skey] = None
                     previous_uid, seq = None, 0
                     if counter is not None:
-                        counter[1] += 1
+                        counter[base + 1] += 1
                 else:
                     session = unpackb(raw)
                     sessions_last[skey] = session[R_LAST]
@@ -507,7 +616,7 @@ class _Batch:
                 if raw is None:
                     users_last[ukey] = None
                     if counter is not None:
-                        counter[2] += 1
+                        counter[base + 2] += 1
                 else:
                     user = unpackb(raw)
                     users_last[ukey] = user[R_LAST]
@@ -530,11 +639,17 @@ class _Batch:
                 if old_last is None or old_last // HOUR_MS != record[R_LAST] // HOUR_MS:
                     views._move_expiry(txn, kind, key, old_last, record[R_LAST])
         views._add_counters(txn, self.counters)
+        over = views._note_sites(txn, self.sites)
+        self.tally.flush()
+        for site, days in over.items():
+            self.tally.derive_days_again(site, days)
 
 
-def _count(deltas: dict, site: bytes, ts: int, index: int, amount: int) -> None:
-    delta = deltas.setdefault(minute_key(site, ts), [0, 0, 0])
-    delta[index] += amount
+def _count(deltas: dict, site: bytes, entry, index: int, amount: int) -> None:
+    """Change one of an event's minute counters (index 0 events, 1 new sessions, 2 new users;
+    the bots' three follow)."""
+    delta = deltas.setdefault(minute_key(site, entry.ts), [0] * 6)
+    delta[index + (3 if classify((entry.captured or {}).get("user_agent")).bot else 0)] += amount
 
 
 def views_path(data_dir: str) -> str:

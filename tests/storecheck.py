@@ -16,6 +16,7 @@ from pathlib import Path
 
 from otserver.model import R_COUNT, session_key, user_key
 from otserver.store import Store
+from otserver.tallies import estimate_of
 from otserver.views import NAMES as VIEW_NAMES
 
 
@@ -92,7 +93,8 @@ def dump_views(data_dir) -> dict:
     with opened(data_dir) as store:
         views = store.views
         with views.read() as txn:
-            out = {name: list(txn.cursor(db=views.db[name])) for name in VIEW_NAMES}
+            out = {name: [(bytes(k), estimate_of(name, k, v))
+                          for k, v in txn.cursor(db=views.db[name])] for name in VIEW_NAMES}
             out["watermark"] = views.watermark_in(txn)
             out["pending purges"] = views.pending_purges(txn)
     return out

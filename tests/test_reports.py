@@ -410,10 +410,12 @@ def stats(server, token, si, **params) -> dict:
     assert starts == sorted(set(starts))
     size = {"minute": MIN, "hour": HOUR, "day": DAY}[payload["bucket"]]
     for row in rows:
-        assert set(row) == {"start", "events", "new_sessions", "new_users"}
+        assert set(row) == {"start", "events", "new_sessions", "new_users", "sessions",
+                            "visitors"}
+        assert 1 <= row["sessions"] <= row["events"] and 1 <= row["visitors"] <= row["events"]
         assert row["start"] % size == 0
     totals = {name: sum(r[name] for r in rows) for name in ("events", "new_sessions", "new_users")}
-    assert payload["totals"] == totals
+    assert {name: payload["totals"][name] for name in totals} == totals
     return payload
 
 
@@ -517,14 +519,16 @@ def test_stats_match_a_hand_count_over_minutes_hours_days(make_server, tmp_path)
     admin = server.create_token("*")
     empty = stats(server, admin, "nobody.example", bucket="minute")
     assert nonzero(empty) == {} and empty["totals"] == {"events": 0, "new_sessions": 0,
-                                                        "new_users": 0}
+                                                        "new_users": 0, "sessions": 0,
+                                                        "visitors": 0}
 
 
 def test_stats_count_live_ingest_at_commit(server):
     si = "stats-live.example"
     token = server.create_token(si)
     before = stats(server, token, si, bucket="minute")["totals"]
-    assert before == {"events": 0, "new_sessions": 0, "new_users": 0}
+    assert before == {"events": 0, "new_sessions": 0, "new_users": 0, "sessions": 0,
+                      "visitors": 0}
     ok_eid(server.track(si=si, sid="a", uid="one"))
     ok_eid(server.track(si=si, sid="a", uid="one"))
     ok_eid(server.track(si=si, sid="a", uid="two"))
@@ -533,7 +537,8 @@ def test_stats_count_live_ingest_at_commit(server):
                    {"sid": "d", "uid": "four", "increment": "false"}], si=si)
     # counted at commit: no settle time needed
     got = stats(server, token, si, bucket="day")
-    assert got["totals"] == {"events": 5, "new_sessions": 2, "new_users": 3}
+    assert got["totals"] == {"events": 5, "new_sessions": 2, "new_users": 3, "sessions": 2,
+                             "visitors": 3}
 
 
 @pytest.mark.parametrize("params", [
