@@ -103,7 +103,7 @@ def main() -> None:
     detector.is_crawler("Mozilla/5.0")  # compile before timing
     cases.append(("crawlerdetect", detector.is_crawler, distinct_user_agents(1_000, seed=5)))
     if agents.CRAWLER_ENGINE == "ua-parser-rs":
-        cases.append(("crawler set (Rust)", agents._is_crawler, distinct_user_agents(40_000, seed=6)))
+        cases.append(("crawler set (Rust)", agents._engines()[2], distinct_user_agents(40_000, seed=6)))
     cases.append(("classify cold", agents.classify, distinct_user_agents(20_000, seed=7)))
     cases.append(("classify warm", agents.classify, warm_mix(1_000_000)))
     cases.append(("classify 1 KiB junk", agents.classify, junk(1_000)))

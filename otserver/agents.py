@@ -78,7 +78,6 @@ def _build_ua_parser() -> tuple[ua_parser.Parser, str]:
     return ua_parser.Parser(resolver_ctor(matchers)), name
 
 
-_ua_parser, UA_RESOLVER = _build_ua_parser()
 _ALL_DOMAINS = Domain.ALL
 _BROWSER_AND_OS = Domain.USER_AGENT | Domain.OS
 
@@ -120,7 +119,22 @@ def _build_crawler_check() -> tuple[Callable[[str], bool], str]:
     return is_crawler, "ua-parser-rs"
 
 
-_is_crawler, CRAWLER_ENGINE = _build_crawler_check()
+@functools.cache
+def _engines() -> tuple:
+    """(parse, its resolver's name, is_crawler, its engine's name), built at the first use,
+    not at import: every otserver process imports this module, few of them classify, and
+    building the regex sets takes most of a second."""
+    parse, resolver = _build_ua_parser()
+    is_crawler, engine = _build_crawler_check()
+    return parse, resolver, is_crawler, engine
+
+
+def __getattr__(name: str):  # UA_RESOLVER, CRAWLER_ENGINE: which engines run
+    if name == "UA_RESOLVER":
+        return _engines()[1]
+    if name == "CRAWLER_ENGINE":
+        return _engines()[3]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # Consoles, TVs and set-top boxes: "other", even when they claim Windows, Android or Silk.
 _OTHER_MARKERS = re.compile(
@@ -178,6 +192,7 @@ _HTTP_CLIENT = re.compile(
 
 @functools.lru_cache(maxsize=CACHE_SIZE)
 def _classify_prefix(user_agent: str) -> Agent:
+    _ua_parser, _, _is_crawler, _ = _engines()
     if _HTTP_CLIENT.match(user_agent):
         parsed = _ua_parser(user_agent, _BROWSER_AND_OS)
         return Agent(_family(parsed.user_agent), _family(parsed.os), "other", False)

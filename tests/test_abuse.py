@@ -374,7 +374,7 @@ def test_clients_that_pipeline_and_never_read_are_closed_and_do_not_starve_other
     assert closed_after < 15
     assert sent > CONNS * 40_000, "the kernel took too little of the flood"
     assert statuses == {200}, statuses
-    assert statistics.median(latencies) < 0.5  # not starved (bench/ measures latency)
+    assert statistics.median(latencies) < 1.0  # not starved (bench/ measures latency)
     assert max(latencies) < 5, f"a normal client waited {max(latencies):.1f} s"
     assert peak[0] < 300, f"RSS {peak[0]:.0f} MB"
     events = stored(server)

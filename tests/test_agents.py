@@ -161,7 +161,7 @@ def test_crawler_engine_agrees_with_crawlerdetect():
     samples += ["Yandex/1.01.001 (compatible; Win16; I)", "YandexSearch/1.0", "Mozilla/5.0 YandexModule2",
                 "Mozilla/5.0 (compatible; YandexBot/3.0)", "b0t", "Java/17.0.2", "Lighthouse"]
     disagreements = [ua for ua in [*samples, *_mutations(samples)]
-                     if agents._is_crawler(ua) != reference.is_crawler(ua)]
+                     if agents._engines()[2](ua) != reference.is_crawler(ua)]
     assert disagreements == []
 
 

@@ -698,7 +698,7 @@ def _wait_erasure_done(data_dir, position: int, timeout: float = 15.0) -> None:
         time.sleep(0.02)
 
 
-def _wait_user_gone(server, token: str, uid: str, timeout: float = 20.0) -> None:
+def _wait_user_gone(server, token: str, uid: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         resp = server.api(f"/api/v1/users/{uid}?si={quote(SITE)}", token)

@@ -9,6 +9,8 @@ import time
 from urllib.parse import quote, urlencode
 
 import pytest
+
+from otserver.agents import agent_fields
 from conftest import FreshView
 
 SEED_SI = "test.opentracker.net"
@@ -362,6 +364,7 @@ def test_utm_properties_keep_their_first_value_in_session_and_user(shared_server
 
 UA = "Mozilla/5.0 (X11; Linux x86_64) otserver-tests/1.0"
 REFERER = "https://example.org/from/here?x=1"
+AGENT = agent_fields(UA)
 
 
 def _captured_of(server, si, headers=None, **props):
@@ -376,7 +379,9 @@ def _captured_of(server, si, headers=None, **props):
 def test_captured_user_agent_referer_and_anonymised_ip(server):
     event, session, user = _captured_of(
         server, "cap.example", headers={"User-Agent": UA, "Referer": REFERER}, page="p")
-    expected = {"user_agent": UA, "referer": REFERER, "ip": "127.0.0.0"}
+    # what the User-Agent tells is read off it (the read API adds it; nothing stores it)
+    expected = {"user_agent": UA, "referer": REFERER, "ip": "127.0.0.0", **AGENT}
+    assert AGENT == {"browser": "Unknown", "os": "Linux", "device": "desktop"}
     assert event["captured"] == expected
     assert session["captured"] == expected
     assert user["captured"] == expected
@@ -395,6 +400,8 @@ def test_each_capture_can_be_switched_off(make_server, flag, missing):
         server, "cap-off.example", headers={"User-Agent": UA, "Referer": REFERER})
     expected = {"user_agent": UA, "referer": REFERER, "ip": "127.0.0.0"}
     del expected[missing]
+    if "user_agent" in expected:
+        expected |= AGENT
     assert event["captured"] == expected
     assert session["captured"] == expected
     assert user["captured"] == expected
@@ -427,16 +434,18 @@ def test_clients_cannot_spoof_captured_fields(make_server):
     server = make_server("--no-capture-referer")
     event, session, user = _captured_of(
         server, "spoof.example", headers={"User-Agent": UA},
-        user_agent="evil-bot", ip="6.6.6.6", referer="https://evil.example/", captured="yes")
-    assert event["captured"] == {"user_agent": UA, "ip": "127.0.0.0"}
-    assert session["captured"] == {"user_agent": UA, "ip": "127.0.0.0"}
-    assert user["captured"] == {"user_agent": UA, "ip": "127.0.0.0"}
+        user_agent="evil-bot", ip="6.6.6.6", referer="https://evil.example/", captured="yes",
+        bot="false", device="mobile")
+    assert event["captured"] == {"user_agent": UA, "ip": "127.0.0.0", **AGENT}
+    assert session["captured"] == {"user_agent": UA, "ip": "127.0.0.0", **AGENT}
+    assert user["captured"] == {"user_agent": UA, "ip": "127.0.0.0", **AGENT}
     # ...and the would-be spoofs are ordinary properties of the flat records
     for record in (event["event"], session["session"], user["user"]):
         assert record["user_agent"] == "evil-bot"
         assert record["ip"] == "6.6.6.6"
         assert record["referer"] == "https://evil.example/"
         assert record["captured"] == "yes"
+        assert (record["bot"], record["device"]) == ("false", "mobile")
 
 
 # --------------------------------------------------------------------------- POST, batch, pixel
