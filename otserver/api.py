@@ -25,6 +25,7 @@ import logging
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
+from itertools import chain
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 from . import csvformat, http, tallies
@@ -384,10 +385,21 @@ class Api:
                     include_bots: bool) -> dict:
         buckets: dict[int, list] = {}
         site = site_key(si)
+        first_minute, end_minute = start // 60_000, -(-end // 60_000)
+        # whole hours from the hour counters (when the buckets are hours or days), the edges
+        # from the minute counters
+        first_hour, end_hour = -(-first_minute // 60), end_minute // 60
+        if size < 3_600_000 or first_hour >= end_hour:
+            first_hour = end_hour = end_minute // 60  # minutes only: both runs of them
         with self.views.read() as txn:
-            for minute, counter in self.views.minute_counters(
-                    txn, site, start // 60_000, -(-end // 60_000)):
-                first = minute * 60_000 // size * size
+            for grain, period, counter in chain(
+                    ((60_000, m, c) for m, c in self.views.minute_counters(
+                        txn, site, first_minute, min(end_minute, first_hour * 60))),
+                    ((3_600_000, h, c) for h, c in self.views.hour_counters(
+                        txn, site, first_hour, end_hour)),
+                    ((60_000, m, c) for m, c in self.views.minute_counters(
+                        txn, site, max(first_minute, end_hour * 60), end_minute))):
+                first = period * grain // size * size
                 into = buckets.setdefault(first, [0, 0, 0])
                 for i in range(3):
                     into[i] += counter[i]

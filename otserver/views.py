@@ -16,6 +16,8 @@ Environment `<data dir>/views` (keys are bytes; values msgpack unless said):
   stats           site(8) + minute(4)                 -> [events, new sessions, new users,
                   the same three for bots] (events sent with increment=false are not
                   counted; no entry is all zeros; one of 0.2 holds the first three only)
+  stats_hours     site(8) + hour(4)                   -> the same six, added up per hour (what a
+                  report of hours or days reads: 720 records for 30 days, not 43,200)
   sites           site(8)                             -> [si, first_ts, last_ts]
   uniques, breakdowns, site_days: the report counters (tallies.py)
   meta            b"schema" -> SCHEMA, b"watermark" -> position(8),
@@ -45,7 +47,7 @@ from .tallies import DAY_MS, NAMES as TALLY_NAMES, Reporting, Tally, open_day, p
 
 SCHEMA = b"2"
 NAMES = ("sessions", "users", "session_chunks", "user_sessions", "session_users", "user_pairs",
-         "expiry", "site_events", "stats", "sites") + TALLY_NAMES
+         "expiry", "site_events", "stats", "stats_hours", "sites") + TALLY_NAMES
 DUPSORT = frozenset(("user_sessions", "session_users"))
 KIND_SESSION, KIND_USER = b"S", b"U"
 MINUTE_MS = 60_000
@@ -77,6 +79,27 @@ class Views:
         self.db = self.store.db
         self.read = self.store.read
         self.write = self.store.write
+        if not readonly and self.store.db["stats_hours"] is not None:
+            self.write(self._hours_once)
+
+    def _hours_once(self, txn) -> None:
+        """Views of 0.2 had minute counters only: add theirs up into hours, once."""
+        if txn.get(b"stats_hours", db=self.db["meta"]) is None:
+            self.count_hours(txn)
+            txn.put(b"stats_hours", b"1", db=self.db["meta"])
+
+    def count_hours(self, txn) -> None:
+        """stats_hours from the minute counters, from scratch."""
+        txn.drop(self.db["stats_hours"], delete=False)
+        hours: dict[bytes, list] = {}
+        for key, raw in txn.cursor(db=self.db["stats"]):
+            counter = unpackb(raw)
+            hour = hours.setdefault(_hour_key(key), [0] * 6)
+            for i, n in enumerate(counter):
+                hour[i] += n
+        put = txn.cursor(db=self.db["stats_hours"]).put
+        for key, counter in hours.items():
+            put(key, packb(counter))
 
     def close(self) -> None:
         self.store.close()
@@ -156,6 +179,7 @@ class Views:
                         txn.cursor(db=self.db["site_days"]) if key[:8] == site}
                 tally.derive_days_again(site, sorted(d for d in days if d < ts // DAY_MS))
         self.write(finish)
+        self.write(self.count_hours)
 
     def pending_purges(self, txn) -> list:
         raw = txn.get(b"purge", db=self.db["meta"])
@@ -386,9 +410,18 @@ class Views:
         txn.delete(site + position_bytes(position), db=self.db["site_events"])
 
     def _add_counters(self, txn, deltas: dict) -> None:
-        """Add [events, new sessions, new users, and those of bots] per site-minute; an entry
-        left at zero events goes (it counts nothing any more)."""
-        stats = self.db["stats"]
+        """Add [events, new sessions, new users, and those of bots] per site-minute, and per
+        site-hour; an entry left at zero events goes (it counts nothing any more)."""
+        hours: dict[bytes, list] = {}
+        for key, delta in deltas.items():
+            hour = hours.setdefault(_hour_key(key), [0] * 6)
+            for i, n in enumerate(delta):
+                hour[i] += n
+        self._add_to(txn, self.db["stats"], deltas)
+        self._add_to(txn, self.db["stats_hours"], hours)
+
+    @staticmethod
+    def _add_to(txn, stats, deltas: dict) -> None:
         for key, delta in deltas.items():
             raw = txn.get(key, db=stats)
             if raw is not None:
@@ -402,13 +435,16 @@ class Views:
                 txn.delete(key, db=stats)
 
     def _delete_counters_before(self, txn, site: bytes, minute: bytes, budget: int) -> int:
-        """Up to `budget` of a site's counters of minutes before `minute`; -> how many."""
-        cur = txn.cursor(db=self.db["stats"])
+        """Up to `budget` of a site's counters of minutes before `minute` (and of hours that
+        end before it); -> how many."""
         done = 0
-        cur.set_range(site)
-        while done < budget and cur.key()[:8] == site and cur.key()[8:] < minute:
-            cur.delete()
-            done += 1
+        hour = (int.from_bytes(minute, "big") // 60).to_bytes(4, "big")
+        for name, before in (("stats", minute), ("stats_hours", hour)):
+            cur = txn.cursor(db=self.db[name])
+            cur.set_range(site)
+            while done < budget and cur.key()[:8] == site and cur.key()[8:] < before:
+                cur.delete()
+                done += 1
         return done
 
     def _note_sites(self, txn, batch: dict) -> dict:
@@ -512,9 +548,17 @@ class Views:
             out.append(int.from_bytes(key[8:], "big"))
         return out
 
-    def minute_counters(self, txn, site: bytes, first_minute: int, end_minute: int):
-        """(minute, [events, new sessions, new users]) of a site, first <= minute < end."""
-        cur = txn.cursor(db=self.db["stats"])
+    def hour_counters(self, txn, site: bytes, first_hour: int, end_hour: int):
+        """(hour, its six counters) of a site, first <= hour < end."""
+        return self.minute_counters(txn, site, first_hour, end_hour, db="stats_hours")
+
+    def minute_counters(self, txn, site: bytes, first_minute: int, end_minute: int,
+                        db: str = "stats"):
+        """(minute, [events, new sessions, new users(, the bots' three)]) of a site,
+        first <= minute < end."""
+        if self.db[db] is None:  # a read-only open of views older than the db
+            return
+        cur = txn.cursor(db=self.db[db])
         first_minute = max(0, min(first_minute, 0xFFFFFFFF))
         if not cur.set_range(site + first_minute.to_bytes(4, "big")):
             return
@@ -643,6 +687,10 @@ class _Batch:
         self.tally.flush()
         for site, days in over.items():
             self.tally.derive_days_again(site, days)
+
+
+def _hour_key(minute_key: bytes) -> bytes:
+    return minute_key[:8] + (int.from_bytes(minute_key[8:], "big") // 60).to_bytes(4, "big")
 
 
 def _count(deltas: dict, site: bytes, entry, index: int, amount: int) -> None:
