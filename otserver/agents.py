@@ -51,6 +51,7 @@ __all__ = [
     "DERIVED_FIELDS",
     "agent_fields",
     "classify",
+    "warm",
 ]
 
 CACHE_SIZE = 4096
@@ -127,6 +128,12 @@ def _engines() -> tuple:
     parse, resolver = _build_ua_parser()
     is_crawler, engine = _build_crawler_check()
     return parse, resolver, is_crawler, engine
+
+
+def warm() -> None:
+    """Build the engines now (the folder and the serving processes call this at start, so
+    the first event or read does not pay for it)."""
+    _engines()
 
 
 def __getattr__(name: str):  # UA_RESOLVER, CRAWLER_ENGINE: which engines run

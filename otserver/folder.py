@@ -281,6 +281,8 @@ def run_folder(event_log, views, config, *, parent: int | None = None) -> int:
             if parent is not None and os.getppid() != parent:
                 return 0
             time.sleep(0.1)
+    from .agents import warm
+    warm()  # before the first fold: a read waits for that one
     folder = Folder(event_log, views, config)
     signal.signal(signal.SIGTERM, lambda *_: folder.stop())
     signal.signal(signal.SIGINT, lambda *_: folder.stop())

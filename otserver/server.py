@@ -138,7 +138,9 @@ class Server:
 async def serve(config, *, workers: int = 1, notifier=None, folder=None) -> int:
     """One serving process. `workers` > 1: a worker of a supervisor (metrics shared by file);
     `folder`: the folder process this one started and looks after (single-process mode)."""
+    from .agents import warm
     from .store import open_store
+    warm()  # the read API tells what each User-Agent is: build that before listening
     loop = asyncio.get_running_loop()
     notifier = notifier or Notifier.from_env()
     store = open_store(config)

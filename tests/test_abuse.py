@@ -354,7 +354,7 @@ def test_clients_that_pipeline_and_never_read_are_closed_and_do_not_starve_other
             except BlockingIOError:
                 pass
             socks.append(sock)
-        while time.monotonic() - flooded < 20:
+        while time.monotonic() - flooded < 30:
             if open_connections(server) <= 2:  # the prober's and this one
                 closed_after = time.monotonic() - flooded
                 break
@@ -371,7 +371,7 @@ def test_clients_that_pipeline_and_never_read_are_closed_and_do_not_starve_other
           f"{statistics.median(latencies) * 1000:.1f} ms, max {max(latencies) * 1000:.0f} ms, "
           f"statuses {statuses}; RSS {rss_start:.0f} -> peak {peak[0]:.0f} MB")
     assert closed_after is not None, "connections that never read were never closed"
-    assert closed_after < 15
+    assert closed_after < 30  # 2 s timeouts; a loaded CI machine drains 40,000 answers slowly
     assert sent > CONNS * 40_000, "the kernel took too little of the flood"
     assert statuses == {200}, statuses
     assert statistics.median(latencies) < 1.0  # not starved (bench/ measures latency)
