@@ -41,7 +41,7 @@ def has_v1_store(data_dir: str) -> bool:
     return os.path.exists(os.path.join(data_dir, "data.mdb"))
 
 
-def migrate_v1(data_dir: str, *, initial_bytes: int, max_bytes: int) -> None:
+def migrate_v1(data_dir: str, *, initial_bytes: int, max_bytes: int, reporting=None) -> None:
     if os.path.isdir(log_path(data_dir)):  # done before; the old files were not yet removed
         _remove_v1(data_dir)
         return
@@ -61,7 +61,8 @@ def migrate_v1(data_dir: str, *, initial_bytes: int, max_bytes: int) -> None:
         for path in (new_log_dir, new_views_dir, views_path(data_dir)):
             shutil.rmtree(path, ignore_errors=True)
         event_log = EventLog(new_log_dir, initial_bytes=initial_bytes, max_bytes=max_bytes)
-        views = Views(new_views_dir, initial_bytes=initial_bytes, max_bytes=max_bytes)
+        views = Views(new_views_dir, initial_bytes=initial_bytes, max_bytes=max_bytes,
+                      reporting=reporting)
         try:
             events, swept = _copy_events(old, db, event_log)
             _copy_tokens(old, db, event_log)

@@ -31,7 +31,8 @@ class Store:
                 raise SchemaError(f"{data_dir} holds a store of otserver 0.1: open it once "
                                   "with a command that writes (otserver serve, otserver info) "
                                   "to migrate it")
-            migrate_v1(data_dir, initial_bytes=initial_bytes, max_bytes=max_bytes)
+            migrate_v1(data_dir, initial_bytes=initial_bytes, max_bytes=max_bytes,
+                       reporting=reporting)
         if readonly and not os.path.isdir(log_path(data_dir)):
             raise SchemaError(f"{data_dir} holds no otserver store")
         self.log = EventLog(log_path(data_dir), initial_bytes=initial_bytes,

@@ -204,22 +204,31 @@ class Tally:
                 _delete_range(txn, db["breakdowns"], dimension_prefix(site, name) + b"h",
                               hour, hour + 1)
 
+    def drop_days(self, site: bytes, days) -> None:
+        """Delete what was derived for the site's `days` (their hours stay)."""
+        txn, db = self.txn, self.db
+        for day in days:
+            for flag in (b"s", b"u", b"S", b"U"):
+                _delete_range(txn, db["uniques"], site + b"d" + flag, day, day + 1)
+            for name in self.reporting.dimensions.names:
+                _delete_range(txn, db["breakdowns"], dimension_prefix(site, name) + b"d",
+                              day, day + 1)
+
     def derive_days_again(self, site: bytes, days) -> None:
         """Write the site's `days` (over: no event of theirs is still to come) from their
         hours."""
         txn, db = self.txn, self.db
+        self.drop_days(site, days)
         uniques = txn.cursor(db=db["uniques"])
         breakdowns = txn.cursor(db=db["breakdowns"])
         for day in days:
             hours = (day * 24, day * 24 + 24)
             for flag in (b"s", b"u", b"S", b"U"):
-                _delete_range(txn, db["uniques"], site + b"d" + flag, day, day + 1)
                 sketches = [_sketch_of(raw) for _key, raw in
                             _records(uniques, site + b"h" + flag, *hours)]
                 _merge_into(uniques, {site + b"d" + flag + period_bytes(day): sketches})
             for name in self.reporting.dimensions.names:
                 head = dimension_prefix(site, name)
-                _delete_range(txn, db["breakdowns"], head + b"d", day, day + 1)
                 events: dict[bytes, int] = {}
                 merges: dict[bytes, list] = {}
                 for key, raw in _records(breakdowns, head + b"h", *hours):

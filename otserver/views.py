@@ -175,8 +175,13 @@ class Views:
                     continue
                 record = unpackb(raw)
                 txn.put(site, packb([record[0], record[1], ts]), db=self.db["sites"])
-                days = {int.from_bytes(key[8:], "big") for key, _ in
-                        txn.cursor(db=self.db["site_days"]) if key[:8] == site}
+                cur = txn.cursor(db=self.db["site_days"])
+                days = set()
+                if cur.set_range(site):
+                    for key in cur.iternext(values=False):
+                        if key[:8] != site:
+                            break
+                        days.add(int.from_bytes(key[8:], "big"))
                 tally.derive_days_again(site, sorted(d for d in days if d < ts // DAY_MS))
         self.write(finish)
         self.write(self.count_hours)
@@ -265,6 +270,7 @@ class Views:
         self._add_counters(txn, deltas)
         if erased_hours:
             self._recount_hours(txn, site, erased_hours, log, log_txn)
+        latest_before = open_day(txn, self.db, site)
         self._recheck_site(txn, site, log, log_txn)
         if erased_hours:
             tally = Tally(txn, self.db, self.reporting)
@@ -274,6 +280,10 @@ class Views:
             latest = open_day(txn, self.db, site)
             tally.derive_days_again(site, sorted(
                 day for day in erased_days if latest is None or day < latest))
+            if latest is not None and latest_before is not None and latest < latest_before:
+                # the site's latest day is earlier now: days from it on are open again
+                # (read from their hours), as a fold from scratch leaves them
+                tally.drop_days(site, range(latest, latest_before + 1))
         return done, purge
 
     def _recount_hours(self, txn, site: bytes, hours: set[int], log, log_txn) -> None:

@@ -301,3 +301,43 @@ def test_erasure_takes_the_user_out_of_breakdowns_and_distinct_counts(make_serve
     assert (totals["events"], totals["sessions"], totals["visitors"]) == (3, 1, 2)
     sites = api(server, token, "sites")["sites"]
     assert [(s["si"], s["events"]) for s in sites] == [(si, 3)]
+
+
+def test_erasing_the_user_of_a_sites_last_days_leaves_no_day_counters(make_server, tmp_path):
+    """B on the first day, A on the two after (those days derived as the site moved on):
+    erase A and the site's last day is B's again; A must not come back from the days that
+    were derived for it, not even once the site has a new day, and the views equal a refold."""
+    from storecheck import views_equal_a_refold
+    rng = random.Random(3)
+    now = int(time.time() * 1000)
+    plan = [(now - 3 * DAY, "b", "/b-page"), (now - 2 * DAY, "a", "/a-one"),
+            (now - DAY - HOUR, "a", "/a-two")]
+    lines = []
+    for ts, uid, page in plan:
+        event = {"unixtimestamp": ts, "si": SI, "eid": make_eid(ts, rng), "sid": f"{uid}-s",
+                 "uid": uid, "url": f"https://shop.example{page}"}
+        lines.append(json.dumps({"event": event, "captured": {"user_agent": CHROME}}))
+    source = tmp_path / "days.ndjson"
+    source.write_text("\n".join(lines) + "\n")
+    data_dir = tmp_path / "days"
+    done = subprocess.run([sys.executable, "-m", "otserver", "import", str(source),
+                           "--data-dir", str(data_dir)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    server = make_server("--fold-delay", "1ms", data_dir=data_dir)
+    token = server.create_token("*")
+    span = {"from": str(now - 4 * DAY), "to": str(now + HOUR)}
+    pages = [r["value"] for r in api(server, token, "breakdown", si=SI, by="url", **span)["rows"]]
+    assert sorted(pages) == ["/a-one", "/a-two", "/b-page"]
+    resp = server.request("DELETE", f"/api/v1/users/a?si={SI}",
+                          headers={"Authorization": f"Bearer {token}"})
+    assert resp.status == 200, resp
+    for _ in range(2):  # right after the erasure, and once the site has a new day
+        rows = api(server, token, "breakdown", si=SI, by="url", **span)["rows"]
+        assert [r["value"] for r in rows if r["value"] != "/now"] == ["/b-page"], rows
+        totals = api(server, token, "stats", si=SI, bucket="day", **span)["totals"]
+        assert totals["visitors"] == len({r["value"] for r in rows}), totals
+        ok_eid(server.track({"User-Agent": CHROME}, si=SI, sid="c-s", uid="c",
+                            url="https://shop.example/now"))
+    assert server.stop() == 0
+    views_equal_a_refold(data_dir, tmp_path)
