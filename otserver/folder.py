@@ -282,10 +282,10 @@ def run_folder(event_log, views, config, *, parent: int | None = None) -> int:
                 return 0
             time.sleep(0.1)
     from .agents import warm
-    warm()  # before the first fold: a read waits for that one
     folder = Folder(event_log, views, config)
     signal.signal(signal.SIGTERM, lambda *_: folder.stop())
     signal.signal(signal.SIGINT, lambda *_: folder.stop())
+    warm()  # before the first fold (a read waits for that one), after the handlers
     log.info("folder: folding %s from position %d", config.data_dir, folder.watermark)
     try:
         folder.run(parent=parent, snapshot_dir=os.path.join(config.data_dir, "metrics"))

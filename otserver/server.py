@@ -140,7 +140,6 @@ async def serve(config, *, workers: int = 1, notifier=None, folder=None) -> int:
     `folder`: the folder process this one started and looks after (single-process mode)."""
     from .agents import warm
     from .store import open_store
-    warm()  # the read API tells what each User-Agent is: build that before listening
     loop = asyncio.get_running_loop()
     notifier = notifier or Notifier.from_env()
     store = open_store(config)
@@ -150,6 +149,10 @@ async def serve(config, *, workers: int = 1, notifier=None, folder=None) -> int:
     stop = asyncio.Event()  # before anyone can learn the port: a SIGTERM from then on drains
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # The read API tells what each User-Agent is: build that before listening (after the
+    # store is open, so a replaced worker clears its predecessor's reader slots at once, and
+    # after the signal handlers, so a SIGTERM meanwhile drains).
+    warm()
     try:
         # Only a supervisor's workers share a port; a lone server must own it.
         listener = await loop.create_server(
