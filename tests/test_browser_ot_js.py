@@ -474,7 +474,8 @@ def test_events_unsent_at_page_hide_are_sent_by_the_next_load(ot, pages, tabs):
     assert [(e["ev"], e.get("url", "")[-3:]) for e in events] == [
         ("pageview", "/o1"), ("offline", ""), ("pageview", "/o2")]
     assert page.evaluate("localStorage.getItem('ot_q')") is None
-    assert metric(ot, BATCH_OK) == 1 and metric(ot, REPLAYED) == 0  # the beacon was lost
+    # the beacon was lost: nothing to replay (page two may flush in one batch or two)
+    assert metric(ot, REPLAYED) == 0 and metric(ot, BATCH_OK) >= 1
 
 
 def test_a_refused_beacon_falls_back_to_fetch_keepalive_and_the_next_load(ot, pages, tabs):

@@ -446,7 +446,8 @@ def test_a_reader_killed_while_the_server_runs_does_not_make_the_store_grow_fore
     assert server.track(si=SITE, sid="warm").status == 200
     dead = [_kill_a_reader(server.data_dir, env) for env in ("log", "views")]  # held open
     for env, pid in zip(("log", "views"), dead):
-        assert _stale_readers(Path(server.data_dir, env)) == [pid], "the setup left no slot"
+        # the dead slot, unless the running sweeper (a pass every 0.3 s) cleared it already
+        assert _stale_readers(Path(server.data_dir, env)) in ([pid], []), "a foreign slot"
     used = _churn(server, 5)
     print("used KiB per churn cycle:", [u >> 10 for u in used])
     # Expected: the server clears the dead slot by itself (reader_check now and then, e.g.
