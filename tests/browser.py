@@ -81,6 +81,31 @@ def page_html(ot_port: int, site: str, *, title: str = "Page", attrs: str = "",
             f'<body>{body}</body></html>')
 
 
+class WatchedPages:
+    """Browser contexts whose pages' console problems (a subclass's `_console` says which)
+    and page errors are collected; closing them checks there were none (Chromium's "Failed to
+    load resource" allowed where a test sets `allow_network_errors`)."""
+
+    def __init__(self, browser):
+        self.browser = browser
+        self.contexts = []
+        self.problems = []
+        self.allow_network_errors = False
+
+    def watch(self, page):
+        page.set_default_timeout(10_000)
+        page.on("console", self._console)
+        page.on("pageerror", lambda error: self.problems.append(f"page error: {error}"))
+        return page
+
+    def close(self):
+        for context in self.contexts:
+            context.close()
+        problems = [p for p in self.problems
+                    if not (self.allow_network_errors and NETWORK_NOISE in p)]
+        assert not problems, problems
+
+
 class Traffic:
     """Every POST /batch the pages of a context send, as the browser sent it: its time, resource
     type (`ping` for a beacon, `fetch`) and its events, each a dict of properties."""

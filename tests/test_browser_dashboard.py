@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from browser import NETWORK_NOISE, launch
+from browser import WatchedPages, launch
 from conftest import RunningServer
 
 SITE, OTHERS, LIVE = "shop.dash.test", ("blog.dash.test", "docs.dash.test"), "live.dash.test"
@@ -91,38 +91,20 @@ def dash(tmp_path_factory):
     server.kill()
 
 
-class Watch:
+class Watch(WatchedPages):
     """Pages whose console errors and warnings and page errors are collected; closing checks
-    there were none (Chromium's "Failed to load resource" allowed where a test sets
-    `allow_network_errors`)."""
-
-    def __init__(self, browser):
-        self.browser = browser
-        self.contexts = []
-        self.problems = []
-        self.allow_network_errors = False
+    there were none."""
 
     def page(self, **options):
         options.setdefault("viewport", {"width": 1280, "height": 900})
         options.setdefault("timezone_id", TIMEZONE)
         context = self.browser.new_context(**options)
         self.contexts.append(context)
-        page = context.new_page()
-        page.set_default_timeout(10_000)
-        page.on("console", self._console)
-        page.on("pageerror", lambda error: self.problems.append(f"page error: {error}"))
-        return page
+        return self.watch(context.new_page())
 
     def _console(self, message):
         if message.type in ("error", "warning"):
             self.problems.append(f"console {message.type}: {message.text}")
-
-    def close(self):
-        for context in self.contexts:
-            context.close()
-        problems = [p for p in self.problems
-                    if not (self.allow_network_errors and NETWORK_NOISE in p)]
-        assert not problems, problems
 
 
 @pytest.fixture

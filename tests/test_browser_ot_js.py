@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 from playwright.sync_api import sync_playwright
 
-from browser import NETWORK_NOISE, PageServer, Traffic, launch, page_html, stored, wait_stored
+from browser import PageServer, Traffic, WatchedPages, launch, page_html, stored, wait_stored
 
 OT_JS = Path(__file__).resolve().parent.parent / "otserver" / "static" / "ot.js"
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -51,16 +51,13 @@ def ot(make_server, tabs):
         stored=lambda si: stored(server, token, si))
 
 
-class Tabs:
+class Tabs(WatchedPages):
     """Browser contexts (each a new visitor: its own localStorage) whose pages are watched for
-    console errors and page errors; a test that fails requests on purpose sets
-    `allow_network_errors`. Closing checks there were none."""
+    console errors (and anything ot.js logs) and page errors; a test that fails requests on
+    purpose sets `allow_network_errors`. Closing checks there were none."""
 
     def __init__(self, browser):
-        self.browser = browser
-        self.contexts = []
-        self.problems = []
-        self.allow_network_errors = False
+        super().__init__(browser)
         self._clock = None
 
     def context(self, init_script: str | None = None, **options):
@@ -74,11 +71,7 @@ class Tabs:
         return context
 
     def page(self, context):
-        page = context.new_page()
-        page.set_default_timeout(10_000)
-        page.on("console", self._console)
-        page.on("pageerror", lambda error: self.problems.append(f"page error: {error}"))
-        return page
+        return self.watch(context.new_page())
 
     def _console(self, message):
         if message.type == "error" or "/ot.js" in (message.location or {}).get("url", ""):
@@ -94,11 +87,7 @@ class Tabs:
     def close(self):
         if self._clock is not None:
             self._clock.context.close()
-        for context in self.contexts:
-            context.close()
-        problems = [p for p in self.problems
-                    if not (self.allow_network_errors and NETWORK_NOISE in p)]
-        assert not problems, problems
+        super().close()
 
 
 @pytest.fixture
