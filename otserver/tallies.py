@@ -39,6 +39,7 @@ HUMAN, BOT = b"h", b"b"
 SESSIONS, USERS = b"S", b"U"
 EVENTS, SLOTS = b"E", b"#"
 FLAGS = {False: (b"s", b"u"), True: (b"S", b"U")}  # bot? -> uniques flags (sessions, users)
+ALL_FLAGS = FLAGS[False] + FLAGS[True]
 NAMES = ("uniques", "breakdowns", "site_days")
 VALUES_PER_PERIOD = 1000
 
@@ -197,7 +198,7 @@ class Tally:
         again from the events left in the log (then `derive_days_again` for days over)."""
         txn, db = self.txn, self.db
         for hour in hours:
-            for flag in (b"s", b"u", b"S", b"U"):
+            for flag in ALL_FLAGS:
                 _delete_range(txn, db["uniques"], site + b"m" + flag, hour * 60, hour * 60 + 60)
                 _delete_range(txn, db["uniques"], site + b"h" + flag, hour, hour + 1)
             for name in self.reporting.dimensions.names:
@@ -208,7 +209,7 @@ class Tally:
         """Delete what was derived for the site's `days` (their hours stay)."""
         txn, db = self.txn, self.db
         for day in days:
-            for flag in (b"s", b"u", b"S", b"U"):
+            for flag in ALL_FLAGS:
                 _delete_range(txn, db["uniques"], site + b"d" + flag, day, day + 1)
             for name in self.reporting.dimensions.names:
                 _delete_range(txn, db["breakdowns"], dimension_prefix(site, name) + b"d",
@@ -223,7 +224,7 @@ class Tally:
         breakdowns = txn.cursor(db=db["breakdowns"])
         for day in days:
             hours = (day * 24, day * 24 + 24)
-            for flag in (b"s", b"u", b"S", b"U"):
+            for flag in ALL_FLAGS:
                 sketches = [_sketch_of(raw) for _key, raw in
                             _records(uniques, site + b"h" + flag, *hours)]
                 _merge_into(uniques, {site + b"d" + flag + period_bytes(day): sketches})
@@ -293,7 +294,7 @@ def delete_before(txn, db: dict, reporting: Reporting, site: bytes, cutoff_ms: i
     """Up to `budget` of a site's report counters of periods that end before `cutoff_ms`."""
     done = 0
     for grain, size in GRAIN_MS.items():
-        for flag in (b"s", b"u", b"S", b"U"):
+        for flag in ALL_FLAGS:
             done += _delete_range(txn, db["uniques"], site + grain + flag, 0, cutoff_ms // size,
                                   budget - done)
             if done >= budget:
