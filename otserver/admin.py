@@ -314,3 +314,26 @@ def revoke_token(event_log, ident: str) -> int:
         raise ValueError("give at least 6 characters of the token id")
     return event_log.delete_tokens([d for d, _ in event_log.list_tokens()
                                     if token_id(d).startswith(ident)])
+
+
+# ---------------------------------------------------------------------- registered sites
+
+def add_site(event_log, si: str, origins: str | None, max_chars: int) -> tuple[bool, list]:
+    """Register `si` (exactly as devices send it), with the origins its browser requests may
+    come from; None keeps a registered site's origins, "" clears them. -> (new, origins)."""
+    from .guards import parse_origins
+    if not si or len(si) > max_chars:
+        raise ValueError(f"a site is 1 to {max_chars} characters, exactly as events send it "
+                         "in si")
+    known = {row[0]: row[2] for row in event_log.list_sites()}
+    chosen = parse_origins(origins) if origins is not None else known.get(si, [])
+    return event_log.put_site(si, now_ms(), chosen), chosen
+
+
+def list_sites(event_log) -> list[dict]:
+    return [{"si": si, "created": created, "origins": origins}
+            for si, created, origins in event_log.list_sites()]
+
+
+def remove_site(event_log, si: str) -> bool:
+    return event_log.delete_site(si)

@@ -1,5 +1,5 @@
 """The `otserver` command: serve | fold | rebuild-views | sweep | info | backup | export |
-import | token ....
+import | token ... | site ....
 
 `build_config(args, environ)` turns flags and OTSERVER_* variables into a Config (flags win);
 `run` does the work. Every Config field is a `serve` flag named after it (`--max-url-bytes`,
@@ -43,6 +43,16 @@ FIELD_HELP = {
     "capture_ip": "store the client address beside each event",
     "anonymize_ip": "zero the last IPv4 octet / last 80 IPv6 bits of stored addresses",
     "trusted_proxies": "comma-separated addresses or CIDRs whose X-Forwarded-For is believed",
+    "require_site": "refuse (403) events for sites not registered with `otserver site add`",
+    "rate_limit_per_ip": "events a second one client address may send (429 past it; 0: no "
+                         "limit)",
+    "rate_limit_per_ip_burst": "events a client address may send at once (0: ten seconds "
+                               "of its rate)",
+    "rate_limit_per_site": "events a second one site may take (429 past it; 0: no limit)",
+    "rate_limit_per_site_burst": "events a site may take at once (0: ten seconds of its rate)",
+    "rate_limit_clients": "client addresses the rate limiter remembers per process (the "
+                          "least recently seen is forgotten)",
+    "max_events_per_site": "events a site may hold within the TTL (429 past it; 0: no quota)",
     "initial_store_bytes": "map size the store starts with; it doubles as needed",
     "max_store_bytes": "cap of the store; past it ingest answers 503",
     "min_free_disk_bytes": "ingest answers 503 while the data directory's disk has less free "
@@ -157,6 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = token_sub.add_parser("revoke", help="revoke the token whose id starts with ID")
     revoke.add_argument("id")
     _add_config_flags(revoke, data_dir_only)
+    site = sub.add_parser("site", help="manage registered sites (with --require-site, the "
+                          "only ones ingest takes) and their allowed origins")
+    site_sub = site.add_subparsers(dest="site_command", required=True)
+    add = site_sub.add_parser("add", help="register SITE, or change its origins")
+    add.add_argument("site", help="the si value, exactly as events send it")
+    add.add_argument("--origins", default=None,
+                     help="comma-separated origins its browser requests may come from "
+                     "(https://www.example.com, https://*.example.com); \"\" clears them; "
+                     "none: any origin")
+    _add_config_flags(add, data_dir_only + [f for f in dataclasses.fields(Config)
+                                            if f.name == "max_id_chars"])
+    site_list = site_sub.add_parser("list", help="list registered sites and their origins")
+    site_list.add_argument("--json", action="store_true", help="print JSON lines")
+    _add_config_flags(site_list, data_dir_only)
+    remove = site_sub.add_parser("remove", help="unregister SITE (its events stay until "
+                                 "they expire)")
+    remove.add_argument("site")
+    _add_config_flags(remove, data_dir_only)
     return parser
 
 
@@ -176,7 +204,7 @@ def build_config(args: argparse.Namespace, environ) -> Config:
 
 
 # Commands that read or manage an existing store: they never create one.
-NEEDS_STORE = frozenset(("info", "token", "export", "sweep", "backup", "rebuild-views"))
+NEEDS_STORE = frozenset(("info", "token", "site", "export", "sweep", "backup", "rebuild-views"))
 
 
 def _require_store(command: str, data_dir: str) -> None:
@@ -267,6 +295,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
                 return admin.import_events(store, sys.stdin, config)
             with open(args.file, encoding="utf-8") as lines:
                 return admin.import_events(store, lines, config)
+        if args.command == "site":
+            return _site(store, config, args)
         if args.token_command == "create":
             token, ident = admin.create_token(store.log, args.site, args.label)
             print(token)
@@ -287,6 +317,29 @@ def run(args: argparse.Namespace, config: Config) -> int:
             print(f"revoked {removed} token(s)", file=sys.stderr)
     finally:
         store.close()
+    return 0
+
+
+def _site(store, config: Config, args: argparse.Namespace) -> int:
+    from . import admin
+    if args.site_command == "add":
+        new, origins = admin.add_site(store.log, args.site, args.origins, config.max_id_chars)
+        allowed = ", ".join(origins) if origins else "any origin"
+        print(f"site {args.site!r} {'registered' if new else 'updated'}; browser requests "
+              f"from: {allowed}", file=sys.stderr)
+    elif args.site_command == "list":
+        for row in admin.list_sites(store.log):
+            if args.json:
+                print(json.dumps(row))
+            else:
+                print(f"{row['si']}  registered {admin.format_time(row['created'])}  "
+                      f"origins {','.join(row['origins']) or '*'}")
+    elif args.site_command == "remove":
+        if not admin.remove_site(store.log, args.site):
+            print(f"otserver: no registered site {args.site!r}", file=sys.stderr)
+            return 1
+        print(f"site {args.site!r} removed; its events stay until they expire",
+              file=sys.stderr)
     return 0
 
 

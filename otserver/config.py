@@ -109,6 +109,15 @@ class Config:
     anonymize_ip: bool = True
     trusted_proxies: tuple = ()
 
+    # who may send (SPEC 2.6): registered sites, rate limits (events a second), quotas
+    require_site: bool = False  # the systemd environment file turns it on
+    rate_limit_per_ip: int = 0  # 0: no limit
+    rate_limit_per_ip_burst: int = 0  # 0: ten seconds of the rate
+    rate_limit_per_site: int = 0
+    rate_limit_per_site_burst: int = 0
+    rate_limit_clients: int = 65_536  # client addresses a process tracks (least recent dropped)
+    max_events_per_site: int = 0  # events a site may hold within the TTL; 0: no quota
+
     # storage and group commit (SPEC 2.5, 3)
     initial_store_bytes: int = 64 * MIB
     max_store_bytes: int = 64 * GIB
@@ -263,6 +272,8 @@ def check(config: Config) -> None:
                          "with the same key is answered with the original eids (default 24h)")
     if config.sweep_step_limit < 1 or config.fold_batch_events < 1:
         raise ValueError("--sweep-step-limit and --fold-batch-events: at least 1")
+    if config.rate_limit_clients < 1:
+        raise ValueError("--rate-limit-clients: at least 1")
     if config.breakdown_values < 1:
         raise ValueError("--breakdown-values: at least 1")
     from .dimensions import parse_names

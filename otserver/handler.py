@@ -50,7 +50,7 @@ class IngestJob:
     None), and the shape of the answer (text, pixel or batch). A replayed event answers with
     its original eid: the writer reports them in `replaced` (index -> eid)."""
 
-    __slots__ = ("events", "values", "kind", "path", "units", "part")
+    __slots__ = ("events", "values", "kind", "path", "units", "part", "cors")
 
     def __init__(self, events: list, kind: int, path: bytes, units: list | None = None,
                  part: str | None = None):
@@ -60,6 +60,7 @@ class IngestJob:
         self.path = path
         self.units = units
         self.part = part  # what a batch's parts are called in a refusal: "line" or "item"
+        self.cors: bytes | None = None  # the CORS block for one allowed origin (None: any)
 
     def answer(self, close: bool, replaced: dict | None = None) -> bytes:
         eids = [ev.eid for ev in self.events]
@@ -67,10 +68,10 @@ class IngestJob:
             for index, eid in replaced.items():
                 eids[index] = eid
         if self.kind == KIND_TEXT:
-            return http.ok_eid(eids[0], close)
+            return http.ok_eid(eids[0], close, self.cors)
         if self.kind == KIND_PIXEL:
-            return http.ok_pixel(eids[0], close)
-        return http.ok_batch(eids, close)
+            return http.ok_pixel(eids[0], close, self.cors)
+        return http.ok_batch(eids, close, self.cors)
 
 
 KIND_TEXT, KIND_PIXEL, KIND_BATCH = range(3)
@@ -137,9 +138,10 @@ def anonymize(address: str) -> str:
 
 class Handler:
     def __init__(self, config, api=None, eids: EidGenerator | None = None, *,
-                 not_ready=None, metrics_text=None, watch=None):
+                 not_ready=None, metrics_text=None, watch=None, guards=None):
         self.config = config
         self.api = api
+        self.guards = guards  # who may send (guards.Guards), or None
         self.not_ready = not_ready  # () -> why /readyz is 503, or None
         self.metrics_text = metrics_text  # () -> the /metrics page
         self.watch = watch  # the folder's progress: ingest refuses past --max-view-lag
@@ -155,14 +157,15 @@ class Handler:
         wait)."""
         if error is None:
             return job.answer(close, replaced)
+        cors = job.cors or True
         if isinstance(error, Conflict):
-            return http.error(422, conflict_reason(job.units, error.unit, job.part), cors=True,
+            return http.error(422, conflict_reason(job.units, error.unit, job.part), cors=cors,
                               close=close)
         if error is OVERLOADED:
             reason = "overloaded: too many events waiting for a commit"
         else:
             reason = f"storage unavailable: {error}"
-        return http.error(503, reason, cors=True, headers=self._retry, close=close)
+        return http.error(503, reason, cors=cors, headers=self._retry, close=close)
 
     # ------------------------------------------------------------------ dispatch
 
@@ -205,12 +208,16 @@ class Handler:
 
     def _ingest(self, req: Request, path: bytes, allowed: bytes):
         method = req.method
+        guards = self.guards
         if method == b"OPTIONS":
-            return http.preflight(req.close)
+            return http.preflight(req.close, self._preflight_cors(req))
         if method not in allowed.split(b", "):
             raise HttpError(405, "method not allowed", headers=(("Allow", allowed.decode()),))
         config = self.config
-        captured = self._captured(req)
+        address = self._source(req.peer, req.headers)
+        if guards is not None and guards.active:
+            guards.check_client(address)  # a client over its rate costs no parsing
+        captured = self._captured(req, address)
         keys = _Keys(header_key(req.headers))
         if path == b"/batch":
             events, part = self._batch_events(req, captured, keys)
@@ -229,7 +236,27 @@ class Handler:
         if self.watch is not None and self.watch.over_lag():
             raise Unavailable(f"the views are {self.watch.lag()} events behind the log "
                               f"(past --max-view-lag); retry", config.retry_after_s)
+        if guards is not None and guards.active:
+            job.cors = guards.admit(events, req.headers.get(b"origin"), address)
         return job
+
+    def _preflight_cors(self, req: Request) -> bytes | None:
+        """A preflight naming its site in the query answers as that site's requests will:
+        its own origin, or 403 for an origin the site does not allow."""
+        guards, origin = self.guards, req.headers.get(b"origin")
+        if guards is None or not guards.registry.sites or origin is None or not req.query:
+            return None
+        try:
+            si = parse_properties(req.query, self.config).get("si")
+        except BadRequest:
+            return None
+        entry = guards.registry.sites.get(si) if si else None
+        if entry is None or not entry.origins:
+            return None
+        cors = entry.cors_for(origin)
+        if cors is None:
+            guards.refuse_origin(origin, si)
+        return cors
 
     def _batch_events(self, req: Request, captured, keys: "_Keys") -> tuple[list, str]:
         """Every event of a batch and what its parts are called ("line", "item"), or a refusal
@@ -273,7 +300,7 @@ class Handler:
 
     # ------------------------------------------------------------------ captured fields
 
-    def _captured(self, req: Request) -> dict | None:
+    def _captured(self, req: Request, address: str) -> dict | None:
         config = self.config
         captured = {}
         headers = req.headers
@@ -285,7 +312,7 @@ class Handler:
             referer = headers.get(b"referer")
             if referer:
                 captured["referer"] = referer.decode("utf-8", "replace")
-        ip = self.client_address(req.peer, req.headers)  # "" with --no-capture-ip
+        ip = self._stored_address(address)  # "" with --no-capture-ip
         if ip:
             captured["ip"] = ip
         return captured or None
@@ -293,11 +320,18 @@ class Handler:
     def client_address(self, peer: str, headers: dict) -> str:
         """The client's address as it is stored: behind a trusted proxy, the client it
         forwarded for; anonymised with --anonymize-ip; "" when --no-capture-ip."""
+        return self._stored_address(self._source(peer, headers))
+
+    def _source(self, peer: str, headers: dict) -> str:
+        """The client's address: behind a trusted proxy, the client it forwarded for (what
+        the rate limiter counts by, never anonymised, never stored)."""
+        if self._trusted and b"x-forwarded-for" in headers:
+            return self._forwarded_for(peer, headers[b"x-forwarded-for"])
+        return peer
+
+    def _stored_address(self, address: str) -> str:
         if not self.config.capture_ip:
             return ""
-        address = peer
-        if self._trusted and b"x-forwarded-for" in headers:
-            address = self._forwarded_for(address, headers[b"x-forwarded-for"])
         if not self.config.anonymize_ip:
             return address
         ip = self._ip_cache.get(address)

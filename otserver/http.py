@@ -53,12 +53,14 @@ def date_line() -> bytes:
     return _date_line
 
 
-def render(status: int, body: bytes = b"", *, content_type: bytes = TEXT, cors: bool = False,
-           headers: tuple = (), close: bool = False, head: bool = False) -> bytes:
-    """One whole answer. `headers` are (name, value) text pairs; values must be clean."""
+def render(status: int, body: bytes = b"", *, content_type: bytes = TEXT,
+           cors: bool | bytes = False, headers: tuple = (), close: bool = False,
+           head: bool = False) -> bytes:
+    """One whole answer. `headers` are (name, value) text pairs; values must be clean.
+    `cors`: True for the usual CORS block (any origin), or a block of its own (one origin)."""
     parts = [STATUS_LINES[status], date_line(), COMMON_HEADERS]
     if cors:
-        parts.append(CORS_HEADERS)
+        parts.append(CORS_HEADERS if cors is True else cors)
     for name, value in headers:
         parts.append(f"{name}: {value}\r\n".encode("latin-1"))
     bodiless = status in (204, 304)
@@ -76,22 +78,25 @@ _OK_TEXT_HEAD = (b"HTTP/1.1 200 OK\r\n", COMMON_HEADERS + CORS_HEADERS
                  + b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: 36\r\n")
 
 
-def ok_eid(eid: str, close: bool) -> bytes:
+def ok_eid(eid: str, close: bool, cors: bytes | None = None) -> bytes:
     """The ingest answer on the hot path: 200, the eid as the body."""
+    if cors is not None:
+        return render(200, eid.encode(), cors=cors, close=close)
     return b"".join((_OK_TEXT_HEAD[0], date_line(), _OK_TEXT_HEAD[1],
                      CLOSE if close else b"", b"\r\n", eid.encode()))
 
 
-def ok_pixel(eid: str, close: bool) -> bytes:
-    return render(200, PIXEL, content_type=GIF, cors=True, headers=(("X-Eid", eid),), close=close)
+def ok_pixel(eid: str, close: bool, cors: bytes | None = None) -> bytes:
+    return render(200, PIXEL, content_type=GIF, cors=cors or True, headers=(("X-Eid", eid),),
+                  close=close)
 
 
-def ok_batch(eids: list[str], close: bool) -> bytes:
-    return render(200, ("\n".join(eids) + "\n").encode(), cors=True, close=close)
+def ok_batch(eids: list[str], close: bool, cors: bytes | None = None) -> bytes:
+    return render(200, ("\n".join(eids) + "\n").encode(), cors=cors or True, close=close)
 
 
-def preflight(close: bool) -> bytes:
-    return render(204, cors=True, headers=PREFLIGHT_HEADERS, close=close)
+def preflight(close: bool, cors: bytes | None = None) -> bytes:
+    return render(204, cors=cors or True, headers=PREFLIGHT_HEADERS, close=close)
 
 
 def error(status: int, reason: str, *, cors: bool = False, headers: tuple = (),

@@ -5,12 +5,14 @@ Environment `<data dir>/log` (keys are bytes):
   eids      id(16)                 -> position(8)
   erasures  position(8)            -> msgpack([result]) of the erasure entry at that position
   tokens    sha256(token)(32)      -> msgpack([site, created_ms, label])
+  sites     si (utf-8)             -> msgpack([created_ms, [origin, ...]]): registered sites
   keys      key digest(16)         -> ts(8) body digest(16) id(16) * events: an idempotency key
                                       (idempotency.py) and the ids it answered with
   key_times ts(8) key digest(16)   -> b"": the keys in the order they were stored, for expiry
   meta      b"schema"              -> SCHEMA
             b"next"                -> position(8): the next position, once the last entry
                                       has been deleted (by the sweeper)
+            b"sites_generation"    -> counter(8), bumped by every change of `sites`
 
 Invariants:
 - Positions start at 1 and are assigned inside the write transaction that appends: the last
@@ -40,7 +42,7 @@ from .lmdbenv import Environment
 from .model import ID_END, KIND_END, LogEntry, packb, position_bytes, unpackb
 
 SCHEMA = b"2"
-NAMES = ("log", "eids", "erasures", "tokens", "keys", "key_times")
+NAMES = ("log", "eids", "erasures", "tokens", "keys", "key_times", "sites")
 ZERO_TS = bytes(8)
 
 
@@ -56,8 +58,8 @@ class EventLog:
             readonly=readonly, what="event log")
         self.path = path
         db = self.store.db
-        self._log, self._eids, self._erasures, self._tokens, self._keys, self._key_times = (
-            db[n] for n in NAMES)
+        (self._log, self._eids, self._erasures, self._tokens, self._keys, self._key_times,
+         self._sites) = (db[n] for n in NAMES)  # _sites: None read-only in a store before it
         self._meta = db["meta"]
         self.read = self.store.read
         self.write = self.store.write
@@ -337,6 +339,46 @@ class EventLog:
 
     def count_tokens(self) -> int:
         return self.store.entries("tokens")
+
+    # ------------------------------------------------------------------ registered sites
+    # Every change bumps meta `sites_generation` in its transaction, so a running server
+    # learns of it by reading one key (guards.Registry.refresh).
+
+    def put_site(self, si: str, created_ms: int, origins: list[str]) -> bool:
+        """Register `si` (or replace its origins); -> True when it was new."""
+        def apply(txn):
+            key = si.encode()
+            old = txn.get(key, db=self._sites)
+            created = unpackb(old)[0] if old is not None else created_ms
+            txn.put(key, packb([created, origins]), db=self._sites)
+            self._bump_sites(txn)
+            return old is None
+        return self.write(apply)
+
+    def delete_site(self, si: str) -> bool:
+        def apply(txn):
+            removed = txn.delete(si.encode(), db=self._sites)
+            if removed:
+                self._bump_sites(txn)
+            return removed
+        return self.write(apply)
+
+    def list_sites(self) -> list[tuple[str, int, list]]:
+        """[(si, created_ms, origins)] in si order."""
+        if self._sites is None:
+            return []
+        with self.read() as txn:
+            return [(k.decode(), *unpackb(v)) for k, v in txn.cursor(db=self._sites)]
+
+    def sites_generation(self) -> int:
+        with self.read() as txn:
+            raw = txn.get(b"sites_generation", db=self._meta)
+        return int.from_bytes(raw, "big") if raw is not None else 0
+
+    def _bump_sites(self, txn) -> None:
+        raw = txn.get(b"sites_generation", db=self._meta)
+        current = int.from_bytes(raw, "big") if raw is not None else 0
+        txn.put(b"sites_generation", (current + 1).to_bytes(8, "big"), db=self._meta)
 
 
 def log_path(data_dir: str) -> str:

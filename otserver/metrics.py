@@ -42,7 +42,7 @@ ENDPOINTS = {path: path.decode() for path in
 REFUSAL_CLASSES = {
     b"400": "bad_request", b"401": "unauthorized", b"403": "forbidden", b"404": "not_found",
     b"405": "method_not_allowed", b"413": "body_too_large", b"414": "url_too_long",
-    b"415": "unsupported_media_type", b"431": "headers_too_large", b"500": "internal_error",
+    b"415": "unsupported_media_type", b"429": "too_many_requests", b"431": "headers_too_large", b"500": "internal_error",
     b"503": "unavailable", b"505": "http_version",
 }
 
@@ -206,6 +206,7 @@ def render(snapshots: list[dict], store_info: dict, folder: dict | None,
         "# TYPE otserver_live_dropped_total counter",
         f"otserver_live_dropped_total {sums['live_dropped']}",
     ]
+    lines += _guard_lines([snap.get("guards", {}) for snap in snapshots])
     for name, bounds, help_text in (
             ("commit_events", COMMIT_SIZE_BUCKETS, "Events per ingest commit."),
             ("commit_seconds", COMMIT_SECONDS_BUCKETS, "Time to write and sync one commit.")):
@@ -261,6 +262,36 @@ def render(snapshots: list[dict], store_info: dict, folder: dict | None,
               "# TYPE otserver_store_max_bytes gauge",
               f"otserver_store_max_bytes {store_info['max_bytes']}"]
     return ("\n".join(lines) + "\n").encode()
+
+
+GUARDS = ("unregistered_site", "origin", "rate_limit_ip", "rate_limit_site", "quota")
+
+
+def _guard_lines(guards: list[dict]) -> list[str]:
+    """Who-may-send figures (guards.Guards.snapshot) of every worker, added up."""
+    refused: Counter = Counter()
+    for snap in guards:
+        refused.update(snap.get("refused", {}))
+    lines = ["# HELP otserver_guard_refusals_total Ingest requests refused by a guard "
+             "(unregistered site, origin, rate limit by address or site, quota); nothing of "
+             "them was stored.",
+             "# TYPE otserver_guard_refusals_total counter"]
+    lines += [f'otserver_guard_refusals_total{{guard="{name}"}} {refused[name]}'
+              for name in GUARDS]
+    lines += [
+        "# HELP otserver_rate_limit_clients Client addresses the rate limiters remember.",
+        "# TYPE otserver_rate_limit_clients gauge",
+        f"otserver_rate_limit_clients {sum(s.get('clients', 0) for s in guards)}",
+        "# HELP otserver_rate_limit_clients_dropped_total Client addresses forgotten (the "
+        "least recently seen) to keep within --rate-limit-clients.",
+        "# TYPE otserver_rate_limit_clients_dropped_total counter",
+        f"otserver_rate_limit_clients_dropped_total "
+        f"{sum(s.get('clients_dropped', 0) for s in guards)}",
+        "# HELP otserver_registered_sites Sites registered with otserver site add.",
+        "# TYPE otserver_registered_sites gauge",
+        f"otserver_registered_sites {max((s.get('registered_sites', 0) for s in guards), default=0)}",
+    ]
+    return lines
 
 
 def _histogram(metric: str, help_text: str, bounds, data: dict) -> list[str]:

@@ -37,7 +37,7 @@ log = logging.getLogger("otserver")
 # Header names otserver reads; the rest are counted and dropped.
 KEPT_HEADERS = frozenset((b"content-type", b"user-agent", b"referer", b"x-forwarded-for",
                           b"authorization", b"last-event-id", b"accept-encoding",
-                          b"if-none-match", b"idempotency-key"))
+                          b"if-none-match", b"idempotency-key", b"origin"))
 HTTP_VERSIONS = ("1.1", "1.0")
 FEED_PIECE = 2048  # bytes parsed at a time when a read holds many requests
 LINGER_S = 2.0  # after an error answer, how long unread request bytes are drained before close

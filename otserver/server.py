@@ -18,11 +18,13 @@ from collections import Counter
 
 from .api import Api, ReadPool
 from .errors import PortInUse
+from . import tallies
 from .folder import ViewWatch, folder_running, read_folder_snapshot
+from .guards import Guards
 from .handler import Handler
 from .live import LiveHub
 from .metrics import Metrics, read_snapshots, render, write_snapshot
-from .model import entry_ts, now_ms
+from .model import entry_ts, now_ms, site_key
 from .notify import Notifier
 from .protocol import Context, HttpProtocol
 from .store import Store
@@ -49,8 +51,10 @@ class Server:
         self.api = Api(store.log, store.views, config, watch=self.watch, pool=self.pool,
                        writer=self.writer)
         self.live = LiveHub(store.log, loop, config.live_buffer_bytes, replay=self.api.replay)
+        self.guards = Guards(config, store.log, held_of=self._held)
         self.handler = Handler(config, self.api, not_ready=self.not_ready,
-                               metrics_text=self.metrics_text, watch=self.watch)
+                               metrics_text=self.metrics_text, watch=self.watch,
+                               guards=self.guards)
         self.context = Context(config, self.handler, self.writer, loop, self.metrics, self.live,
                                self.connections)
         self._logged_refusals: Counter = Counter()
@@ -60,6 +64,14 @@ class Server:
         self.metrics.observe_commit(count, seconds)
         self.watch.note_tail(last)
         self.live.committed()
+
+    def _held(self, sites: list[str]) -> dict[str, int]:
+        """Events each site holds within the TTL, as the views count them (quotas)."""
+        first_day = (now_ms() - int(self.config.ttl_s * 1000)) // tallies.DAY_MS
+        views = self.store.views
+        with views.read() as txn:
+            return {si: tallies.events_since(txn, views.db, site_key(si), first_day)
+                    for si in sites}
 
     # ------------------------------------------------------------------ operations
 
@@ -92,7 +104,9 @@ class Server:
         return render(snapshots, store_info, read_folder_snapshot(self.metrics_dir), views)
 
     def _snapshot(self) -> dict:
-        return self.metrics.snapshot(self.writer, len(self.connections), self.live)
+        snapshot = self.metrics.snapshot(self.writer, len(self.connections), self.live)
+        snapshot["guards"] = self.guards.snapshot()
+        return snapshot
 
     def _log_refusals(self) -> None:
         """A line a minute at most with the refusals since the last one, by class."""
@@ -117,6 +131,7 @@ class Server:
         for connection in list(self.connections):
             connection.check_deadline(now)
         self.watch.refresh()  # keeps the lag that ingest's back-pressure reads fresh
+        self.guards.tick()
         if self.folder is not None:
             self.folder.check()
         if now >= self._next_heartbeat:
@@ -170,6 +185,9 @@ async def serve(config, *, workers: int = 1, notifier=None, folder=None) -> int:
     address = listener.sockets[0].getsockname()
     log.info("otserver listening on %s://%s:%d data_dir=%s", "https" if tls else "http",
              address[0], address[1], config.data_dir)
+    if config.require_site and not server.guards.registry.sites:
+        log.warning("--require-site is on and no site is registered: every event is refused "
+                    "(403) until one is added with `otserver site add SITE`")
     notifier.ready(f"listening on {address[0]}:{address[1]}")
     watchdog = _Watchdog(server, notifier)
     try:

@@ -208,6 +208,8 @@ def test_env_file_lists_every_setting_and_its_commented_lines_are_the_defaults()
         default = getattr(Config(), f.name)
         if variable == "OTSERVER_HOST":
             assert (commented, value) == (False, "0.0.0.0")  # a service faces the network
+        elif variable == "OTSERVER_REQUIRE_SITE":
+            assert (commented, value) == (False, "1")  # a public server takes registered sites
         elif variable not in examples:
             expected = ("1" if default else "0") if isinstance(default, bool) else \
                 format_setting(f.name, default).replace("none", "")
