@@ -241,8 +241,9 @@ class Guards:
         return Buckets(rate, burst or rate * BURST_SECONDS, capacity)
 
     def _update_active(self) -> None:
-        self.active = bool(self.require_site or self.registry.sites or self.per_ip
-                           or self.per_site or self.quotas)
+        self.active = bool(self.require_site or self.registry.sites
+                           or self.per_ip is not None or self.per_site is not None
+                           or self.quotas is not None)
 
     def tick(self) -> None:
         """On the server's clock, once a second at most: pick up `otserver site` changes,
