@@ -4,12 +4,13 @@
 -- carries one device's queue (one user, one or two sessions), as SDKs send it. A pool of requests is built once per
 -- thread so wrk spends its CPU on the network, not on string building.
 -- Environment: OT_PATH (/ or /batch), OT_PIPELINE (requests per write), OT_BATCH (events per
--- POST /batch), OT_POOL (requests in the pool).
+-- POST /batch), OT_POOL (requests in the pool), OT_ORIGIN (an Origin header, when set).
 
 local path = os.getenv("OT_PATH") or "/"
 local pipeline = tonumber(os.getenv("OT_PIPELINE") or "1")
 local batch = tonumber(os.getenv("OT_BATCH") or "100")
 local pool_size = tonumber(os.getenv("OT_POOL") or "4000")
+local origin = os.getenv("OT_ORIGIN")  -- sent as Origin when set (a browser page's requests)
 
 local pages = {"/", "/pricing", "/docs/getting-started", "/blog/why-self-host", "/signup",
                "/docs/api", "/about", "/contact", "/features/realtime", "/login"}
@@ -59,6 +60,7 @@ function init(args)
         ["Accept-Encoding"] = "gzip, deflate, br",
         ["Referer"] = "https://shop.example.com" .. page,
       }
+      if origin then headers["Origin"] = origin end
       if path == "/batch" then
         -- A batch is what an SDK flushes: one device's queued events, so one user and
         -- one or two of that user's sessions (session s and s + 10000 share user s % 10000).

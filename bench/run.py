@@ -6,6 +6,7 @@
     python bench/run.py --big-store           # also: ingest with 10 million events stored
     python bench/run.py --ab c1e1d7d          # also: the same scenarios against an older commit
     python bench/run.py --workers-ab          # also: --workers 2 against 1 at 256 connections
+    python bench/run.py --guards-ab           # also: every who-may-send guard on against off
 
 For each scenario the baseline (bench/baseline.py: uvloop + httptools, query decoded, fixed
 answer) and otserver (durable: every 200 is appended to the log and synced; its folder process
@@ -150,6 +151,8 @@ def run_wrk(port: int, scenario: dict, seconds: float) -> dict:
     env = {**os.environ, "OT_PATH": scenario["path"], "OT_PIPELINE": str(scenario["pipeline"]),
            "OT_BATCH": str(scenario.get("batch", 100)),
            "OT_POOL": "1000" if scenario["path"] == "/batch" else "4000"}
+    if scenario.get("origin"):
+        env["OT_ORIGIN"] = scenario["origin"]
     connections = scenario["connections"]
     threads = min(2, connections)
     argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
@@ -178,6 +181,42 @@ def measure(proc: Proc, scenario: dict, seconds: float, warmup: float,
         time.sleep(1.5)  # the folder writes its figures once a second
         result.update(view_figures(before, scrape(proc.port), result))
     return result
+
+
+GUARD_FLAGS = ["--require-site", "--rate-limit-per-ip", "1000000000", "--rate-limit-per-site",
+               "1000000000", "--max-events-per-site", "1000000000000"]
+
+
+def guards_ab(tmp: str, seconds: float, warmup: float) -> list[dict]:
+    """c64 and batch with the guards all off, then all on (nothing refused), alternating."""
+    rows = []
+    for name in ("c64", "batch"):
+        scenario = dict(SCENARIOS[name], origin="https://shop.example.com")
+        results = {}
+        for label in ("guards off", "guards on"):
+            data_dir = os.path.join(tmp, f"guards-{name}-{label.split()[1]}")
+            ot = start_otserver(data_dir, GUARD_FLAGS if label == "guards on" else ())
+            try:
+                if label == "guards on":
+                    subprocess.run([sys.executable, "-m", "otserver", "site", "add",
+                                    "shop.example.com", "--origins", scenario["origin"],
+                                    "--data-dir", data_dir], check=True, capture_output=True,
+                                   env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+                    time.sleep(1.5)  # the server picks registrations up within a second
+                results[label] = measure(ot, scenario, seconds, warmup, metrics=True)
+                refused = results[label].get("status_errors", 0)
+                if refused:
+                    raise RuntimeError(f"{label}: {refused} answers were not 200")
+            finally:
+                ot.stop()
+        off = results["guards off"]
+        for label, r in results.items():
+            r.update(scenario=f"{name} {label}", server="otserver",
+                     connections=scenario["connections"],
+                     ratio=r["events_per_s"] / off["events_per_s"])
+            rows.append(r)
+        print(table(list(results.values())).split("\n", 2)[2], flush=True)
+    return rows
 
 
 def scrape(port: int) -> dict:
@@ -345,6 +384,11 @@ def main(argv=None) -> int:
     parser.add_argument("--ab", metavar="COMMIT", default=None,
                         help="also run otserver as of COMMIT (a git worktree of it) in every "
                              "scenario: the ratio column of its rows is this checkout ÷ COMMIT")
+    parser.add_argument("--guards-ab", action="store_true",
+                        help="also run c64 and batch with every who-may-send guard on (the "
+                        "site registered with its origin, --require-site, rates per address "
+                        "and site, a quota; none reached) against all off, browser requests "
+                        "with Origin in both (ratio: on ÷ off)")
     parser.add_argument("--workers-ab", action="store_true",
                         help="also run c256 with --workers 2 (ratio: ÷ --workers 1)")
     parser.add_argument("--out", default=str(RESULTS / "latest.json"))
@@ -391,6 +435,9 @@ def main(argv=None) -> int:
                 new_rows.append(old)
             rows += new_rows
             print(table(new_rows).split("\n", 2)[2], flush=True)
+
+        if args.guards_ab:
+            rows += guards_ab(tmp, args.seconds, args.warmup)
 
         if args.workers_ab:
             scenario = SCENARIOS["c256"]

@@ -24,10 +24,11 @@ connections spread over the workers can reach up to N times a rate.
 """
 from __future__ import annotations
 
+import heapq
 import math
 import re
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 
 from .errors import HttpError
 
@@ -145,7 +146,9 @@ class Registry:
 
 
 class Buckets:
-    """Token buckets by key: `rate` tokens a second, at most `burst` held, `capacity` keys."""
+    """Token buckets by key: `rate` tokens a second, at most `burst` held, at most `capacity`
+    keys (then the least recently seen eighth is forgotten: one sort per many new keys, so a
+    request costs one dict lookup)."""
 
     __slots__ = ("rate", "burst", "capacity", "_entries", "dropped")
 
@@ -153,67 +156,84 @@ class Buckets:
         self.rate = rate
         self.burst = burst
         self.capacity = capacity
-        self._entries: OrderedDict = OrderedDict()  # key -> [tokens, when], oldest first
+        self._entries: dict = {}  # key -> [tokens, last seen]
         self.dropped = 0  # keys forgotten to keep within capacity
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def wait(self, key, now: float) -> float:
-        """0 when `key` may send now, else the seconds until it may."""
+    def take(self, key, count: int, now: float) -> float:
+        """Admit `key` and charge it `count` tokens: -> 0. Or, when its bucket holds less than
+        one token, charge nothing: -> the seconds until it may send."""
         entry = self._entries.get(key)
         if entry is None:
+            if len(self._entries) >= self.capacity:
+                self._forget()
+            self._entries[key] = [self.burst - count, now]
             return 0.0
-        self._entries.move_to_end(key)  # seen: the last to be dropped
         tokens = entry[0] + (now - entry[1]) * self.rate
-        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
-
-    def charge(self, key, count: int, now: float) -> None:
-        """`key` sent `count` events now (after `wait` admitted it)."""
-        entries = self._entries
-        entry = entries.get(key)
-        if entry is None:
-            if len(entries) >= self.capacity:
-                entries.popitem(last=False)
-                self.dropped += 1
-            entries[key] = [self.burst - count, now]
-            return
-        entry[0] = min(self.burst, entry[0] + (now - entry[1]) * self.rate) - count
+        if tokens > self.burst:
+            tokens = self.burst
         entry[1] = now
-        entries.move_to_end(key)
+        if tokens < 1:
+            entry[0] = tokens
+            return (1 - tokens) / self.rate
+        entry[0] = tokens - count
+        return 0.0
+
+    def charge(self, key, count: int) -> None:
+        """`key`, admitted by `take`, turned out to send `count` more events."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry[0] -= count
+
+    def _forget(self) -> None:
+        entries = self._entries
+        drop = max(1, len(entries) // 8)
+        for key, _ in heapq.nsmallest(drop, entries.items(), key=_last_seen):
+            del entries[key]
+        self.dropped += drop
+
+
+def _last_seen(item) -> float:
+    return item[1][1]
 
 
 class Quotas:
-    """Events each site holds within the TTL, against a limit."""
+    """Events each site holds within the TTL, against a limit. Holds the sites that sent
+    since the last refresh (at most `capacity` of them)."""
 
     def __init__(self, held_of, limit: int, capacity: int = SITES_TRACKED):
         self.held_of = held_of  # (sites) -> {si: events held}, read from the views
         self.limit = limit
         self.capacity = capacity
-        self._held: OrderedDict = OrderedDict()  # si -> events held (views + accepted here)
-        self._seen: set = set()  # sites that sent since the last refresh
+        self._held: dict = {}  # si -> events held (the views' count + accepted here since)
 
-    def over(self, si: str, count: int) -> bool:
+    def take(self, si: str, count: int) -> bool:
+        """Count `count` more events for `si`; False (nothing counted) past the quota."""
         held = self._held.get(si)
         if held is None:
             held = self.held_of([si])[si]
-            if len(self._held) >= self.capacity:
-                self._held.popitem(last=False)
+            if len(self._held) >= self.capacity:  # many sites within one second
+                del self._held[next(iter(self._held))]
+        if held + count > self.limit:
             self._held[si] = held
-        else:
-            self._held.move_to_end(si)
-        self._seen.add(si)
-        return held + count > self.limit
+            return False
+        self._held[si] = held + count
+        return True
 
-    def add(self, si: str, count: int) -> None:
-        self._held[si] += count
+    def give_back(self, counts: dict, refused: str) -> None:
+        """A batch was refused at site `refused`: uncount the sites taken before it."""
+        for si, count in counts.items():
+            if si == refused:
+                return
+            self._held[si] -= count
 
     def refresh(self) -> None:
-        """Counts from the views again for the sites seen since the last refresh; the rest
-        are forgotten (and read again when they send)."""
-        seen, self._seen = self._seen, set()
-        fresh = self.held_of(sorted(seen)) if seen else {}
-        self._held = OrderedDict((si, fresh[si]) for si in self._held if si in fresh)
+        """Count again from the views, for the sites that sent since the last refresh; the
+        rest are forgotten (and read again when they send)."""
+        if self._held:
+            self._held = self.held_of(sorted(self._held))
 
 
 class Guards:
@@ -258,16 +278,19 @@ class Guards:
             self.quotas.refresh()
 
     def check_client(self, address: str) -> None:
-        """Before a request is parsed: refuse a client that is over its rate."""
+        """Before a request is parsed: refuse a client that is over its rate, else charge it
+        one event (`admit` charges the rest of a batch). So every request counts, refused
+        ones too: a flood of bad requests is held back like any other."""
         if self.per_ip is not None and address:
-            wait = self.per_ip.wait(address, self.clock())
+            wait = self.per_ip.take(address, 1, self.clock())
             if wait:
                 self._refuse(429, "rate_limit_ip", "too many events from this address "
                              f"(--rate-limit-per-ip {self.per_ip.rate:g}/s); retry later", wait)
 
     def admit(self, events: list, origin: bytes | None, address: str) -> bytes | None:
         """Refuse (403, 429) events that may not be stored; else charge the buckets and
-        quotas and return the CORS header block of the answer (None: the usual `*`)."""
+        quotas and return the CORS header block of the answer (None: the usual `*`). A batch
+        refused by one site's rate may already have been charged to another site's."""
         if len(events) == 1:
             counts = {events[0].si: 1}
         else:
@@ -284,29 +307,25 @@ class Guards:
                 cors = entry.cors_for(origin)
                 if cors is None:
                     self.refuse_origin(origin, si)
-        now = self.clock()
         per_site = self.per_site
         if per_site is not None:
-            for si in counts:
-                wait = per_site.wait(si, now)
+            now = self.clock()
+            for si, count in counts.items():
+                wait = per_site.take(si, count, now)
                 if wait:
                     self._refuse(429, "rate_limit_site", f"too many events for site "
                                  f"{_quoted(si)} (--rate-limit-per-site {per_site.rate:g}/s); "
                                  "retry later", wait)
         quotas = self.quotas
-        if quotas is not None:
+        if quotas is not None:  # last: what it counts is stored (or the writer says why not)
             for si, count in counts.items():
-                if quotas.over(si, count):
+                if not quotas.take(si, count):
+                    quotas.give_back(counts, si)
                     self._refuse(429, "quota", f"site {_quoted(si)} is at its quota of "
                                  f"{quotas.limit} events held (--max-events-per-site); it "
                                  "takes more as old events expire", _to_next_day())
-        if self.per_ip is not None and address:
-            self.per_ip.charge(address, len(events), now)
-        for si, count in counts.items():
-            if per_site is not None:
-                per_site.charge(si, count, now)
-            if quotas is not None:
-                quotas.add(si, count)
+        if len(events) > 1 and self.per_ip is not None and address:
+            self.per_ip.charge(address, len(events) - 1)
         return cors
 
     def refuse_origin(self, origin: bytes, si: str):

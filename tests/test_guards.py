@@ -88,8 +88,10 @@ def test_require_site_refuses_unregistered_sites_and_stores_nothing(make_server)
         refused + 1
 
     assert site(server, "remove", "shop.example").returncode == 0
-    wait_until(lambda: server.track(si="shop.example").status == 403, timeout=10, interval=0.1)
-    assert len(server.event_ids()) <= before + 1  # probes until the removal was picked up
+    probes = []
+    wait_until(lambda: probes.append(server.track(si="shop.example").status) or probes[-1] == 403,
+               timeout=10, interval=0.1)
+    assert len(server.event_ids()) == before + probes.count(200)  # until the removal was seen
     out = site(server, "remove", "shop.example")
     assert out.returncode == 1 and "no registered site" in out.stderr
 
@@ -318,8 +320,10 @@ def test_limiter_memory_is_bounded_over_sockets(make_server):
         resp = conn.getresponse()
         resp.read()
         assert resp.status == 200
-    wait_until(lambda: metric(server, "otserver_rate_limit_clients") == 500)
-    assert metric(server, "otserver_rate_limit_clients_dropped_total") == 2500
+    wait_until(lambda: metric(server, "otserver_rate_limit_clients") > 0)
+    clients = metric(server, "otserver_rate_limit_clients")
+    assert 500 - 500 // 8 <= clients <= 500
+    assert metric(server, "otserver_rate_limit_clients_dropped_total") == 3000 - clients
     assert len(server.event_ids()) == 3000
 
 
@@ -330,34 +334,39 @@ def test_buckets_stay_within_capacity_under_100000_addresses():
         base, _ = tracemalloc.get_traced_memory()
         now = 1000.0
         for n in range(100_000):
-            address = f"2001:db8::{n:x}"
-            assert buckets.wait(address, now) == 0
-            buckets.charge(address, 1, now)
+            assert buckets.take(f"2001:db8::{n:x}", 1, now) == 0
             now += 0.0001
+            if n % 1000 == 0:  # one old address that keeps sending is never forgotten
+                assert buckets.take("198.51.100.1", 1, now) == 0
         held, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert len(buckets) == 10_000 and buckets.dropped == 90_000
+    assert 10_000 - 10_000 // 8 <= len(buckets) <= 10_000
+    assert buckets.dropped + len(buckets) == 100_001
     assert held - base < 10_000 * 400, held - base  # bytes per remembered address
-    # The least recently seen went first: the newest addresses are still known.
-    assert buckets.wait("2001:db8::1869f", now) == 0
-    buckets.charge("2001:db8::1869f", 200, now)
-    assert buckets.wait("2001:db8::1869f", now) > 0
+    # The least recently seen went first: the newest and the busy old one are still known.
+    for kept in ("2001:db8::1869f", "198.51.100.1"):
+        assert buckets.take(kept, 500, now) == 0
+        assert buckets.take(kept, 1, now) > 0  # in debt: remembered, not a fresh bucket
+    assert buckets.take("2001:db8::0", 1, now) == 0  # forgotten: a fresh full bucket
 
 
 def test_buckets_hold_the_rate_on_average():
     buckets = Buckets(rate=5, burst=10, capacity=10)
     admitted, now = 0, 0.0
     for _ in range(10_000):  # 100 tries a second for 100 s
-        if buckets.wait("a", now) == 0:
-            buckets.charge("a", 1, now)
+        if buckets.take("a", 1, now) == 0:
             admitted += 1
         now += 0.01
     assert 10 + 5 * 100 - 1 <= admitted <= 10 + 5 * 100 + 1
     # seen again after a long pause: a full burst, not more
     now += 3600
-    assert sum(1 for _ in range(20) if buckets.wait("a", now) == 0
-               and buckets.charge("a", 1, now) is None) == 10
+    assert sum(1 for _ in range(20) if buckets.take("a", 1, now) == 0) == 10
+    # a batch pays for every event: 40 events of debt hold it back 8 s at 5 a second
+    now += 3600
+    assert buckets.take("a", 1, now) == 0
+    buckets.charge("a", 49)
+    assert buckets.take("a", 1, now) == pytest.approx(41 / 5)  # from -40 to one token
 
 
 # ---------------------------------------------------------------------- quotas
