@@ -228,7 +228,9 @@ def test_workers_killed_repeatedly_under_load_lose_nothing_acknowledged(make_ser
 
     acked = {key: eid for c in clients for key, eid in c.acked.items()}
     sent = [key for c in clients for key in c.sent]
-    assert len(acked) > 200
+    # Each round waited for 20 answers before its kill and 20 after its replacement: the load
+    # is proven by those gates, not by a total a slow CI machine may not reach in 40 s.
+    assert len(acked) >= 3 * 2 * 20
     assert sum(c.failures for c in clients) > 0, "no connection was cut: the kills hit nothing"
     events = _check_consistent(server.data_dir)
     lost = [eid for eid in acked.values() if eid not in events]
