@@ -26,8 +26,9 @@ def sweep(store, config, *, clock=now_ms, out=sys.stdout, timeout_s: float = 120
     totals = {"events": 0, "sessions": 0, "users": 0}
     deadline = time.monotonic() + timeout_s
     while True:
-        caught_up = catch_up(store.log, store.views, config, timeout_s=2.0)
-        done = sweep_all(store.log, store.views, config, clock=clock)
+        caught_up = catch_up(store.events, store.views, config, timeout_s=2.0)
+        done = sweep_all(store.events, store.views, config, clock=clock,
+                         node_log=store.log if store.cluster else None)
         for name in totals:
             totals[name] += done[name]
         if caught_up or time.monotonic() > deadline:
@@ -43,7 +44,7 @@ def sweep(store, config, *, clock=now_ms, out=sys.stdout, timeout_s: float = 120
 def info(store) -> dict:
     """Counts, sizes, the folder's lag and the time span of what the store holds."""
     counts = store.counts()
-    event_log, views = store.log, store.views
+    event_log, views = store.events, store.views
     watermark = views.watermark()
     with event_log.read() as txn:
         tail = event_log.tail(txn)
@@ -52,7 +53,7 @@ def info(store) -> dict:
         newest = _event_at(event_log, txn, tail, -1) if tail else None
         unfolded = event_log.raw(txn, watermark + 1) if tail > watermark else None
     sizes = {}
-    for name, env in (("log", event_log.store), ("views", views.store)):
+    for name, env in store.environments():
         path = os.path.join(env.path, "data.mdb")
         stat = os.stat(path)
         sizes[name] = {"file_bytes": stat.st_size, "disk_bytes": stat.st_blocks * 512,
@@ -118,15 +119,20 @@ def print_info(store, *, as_json: bool = False, out=sys.stdout) -> int:
 
 
 def backup(store, dest: str, *, out=sys.stderr) -> int:
-    """A consistent, compacted copy of the store: the views first, then the log (so the
-    copy's log holds at least what its views have folded; its folder folds the rest)."""
-    from .log import log_path
+    """A consistent, compacted copy of the store: the views first, then the log they are
+    folded from (so the copy's log holds at least what its views have folded; its folder
+    folds the rest), then on a cluster node its own log."""
+    from .log import copy_path, log_path
     from .views import views_path
     if os.path.exists(os.path.join(dest, "data.mdb")) or os.path.exists(log_path(dest)):
         print(f"otserver: {dest} already holds a store; give a new directory", file=out)
         return 1
     size = 0
-    for env, path in ((store.views.store, views_path(dest)), (store.log.store, log_path(dest))):
+    parts = [(store.views.store, views_path(dest))]
+    if store.cluster:
+        parts.append((store.events.store, copy_path(dest)))
+    parts.append((store.log.store, log_path(dest)))
+    for env, path in parts:
         os.makedirs(path, exist_ok=True)
         env.env.copy(path, compact=True)
         size += os.path.getsize(os.path.join(path, "data.mdb"))
@@ -140,15 +146,15 @@ def export(store, config, si: str, start_ms: int | None, end_ms: int | None, *,
     """Write a site's events with start_ms <= time < end_ms as NDJSON (or CSV), in log
     order."""
     from .api import positions_between, site_event_lines
-    catch_up(store.log, store.views, config)
+    catch_up(store.events, store.views, config)
     progress = err.isatty()
-    start, end = positions_between(store.log, start_ms, end_ms)
+    start, end = positions_between(store.events, start_ms, end_ms)
     if fmt == "csv":
         written = _export_csv(store, si, start, end, columns, out, err, progress, page)
     else:
         written = 0
         while True:
-            lines, positions = site_event_lines(store.log, store.views, si, start, end, page)
+            lines, positions = site_event_lines(store.events, store.views, si, start, end, page)
             if lines:
                 out.write("\n".join(lines) + "\n")
             written += len(lines)
@@ -169,7 +175,7 @@ def _site_payloads(store, si: str, start: int, end: int, page: int, last: list):
     page (none held while the caller works); last[0] is the position of the last listed."""
     from .api import site_event_payloads
     while True:
-        payloads, positions = site_event_payloads(store.log, store.views, si, start, end, page)
+        payloads, positions = site_event_payloads(store.events, store.views, si, start, end, page)
         if positions:
             last[0] = positions[-1]
         yield from payloads
@@ -286,7 +292,7 @@ def import_events(store, lines, config, *, err=sys.stderr, batch_size: int = 100
             flush()
     if batch:
         flush()
-    catch_up(store.log, store.views, config)
+    catch_up(store.events, store.views, config)
     print(f"imported {imported} events ({skipped} already present)", file=err)
     return 0
 

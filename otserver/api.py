@@ -99,8 +99,11 @@ def _answer(fn, args: tuple, head: bool, close: bool) -> bytes:
 
 
 class Api:
-    def __init__(self, event_log, views, config, *, watch=None, pool=None, writer=None):
-        self.log = event_log
+    def __init__(self, event_log, views, config, *, watch=None, pool=None, writer=None,
+                 node_log=None):
+        self.log = event_log  # the log the views are folded from (a cluster node's copy)
+        self.node_log = node_log or event_log  # the node's own: tokens, what it appended
+        self.cluster = node_log is not None and node_log is not event_log
         self.views = views
         self.config = config
         self.watch = watch
@@ -161,7 +164,7 @@ class Api:
         if scheme.lower() != b"bearer" or not token.strip():
             raise HttpError(401, "missing bearer token",
                             headers=(("WWW-Authenticate", 'Bearer realm="otserver"'),))
-        found = self.log.find_token(token_digest(token.strip().decode("latin-1")))
+        found = self.node_log.find_token(token_digest(token.strip().decode("latin-1")))
         if found is None:
             raise HttpError(401, "invalid token",
                             headers=(("WWW-Authenticate", 'Bearer error="invalid_token"'),))
@@ -215,7 +218,8 @@ class Api:
         key = eid_to_key(eid.lower())
         if key is None:
             raise HttpError(404, "no such event")
-        return self._read(self._read_event, (si, key), req, wait=False)
+        # A cluster node learns of its own events through the stream: wait for the copy.
+        return self._read(self._read_event, (si, key), req, wait=self.cluster)
 
     def _read_event(self, si: str, key: bytes) -> dict:
         with self.log.read() as txn:
@@ -302,18 +306,31 @@ class Api:
                                close=close))
                     return
 
+                def carried_out() -> int | None:
+                    """Where the folded log holds the erasure once it is carried out."""
+                    at = position
+                    if self.cluster:  # its position in the copy of the stream
+                        with self.log.read() as txn:
+                            at = self.log.find(txn, key)
+                        if at is None:
+                            return None
+                        self.watch.want(at)
+                    return at if self.log.erasure_result(at)[0] else None
+
                 def finished(ok: bool) -> None:
-                    if not ok:
+                    at = carried_out() if ok else None
+                    if at is None:
                         done(_json(202, {"erasure": "logged; the folder is carrying it out",
                                          "position": position}, close=close))
                         return
-                    result = self.log.erasure_result(position)[1]
+                    result = self.log.erasure_result(at)[1]
                     if result is None:
                         done(_json(404, {"error": "no such user"}, close=close))
                     else:
                         done(_json(200, {"erased": result}, close=close))
-                self.watch.want(position)
-                self.watch.wait_for(lambda: self.log.erasure_result(position)[0], finished)
+                if not self.cluster:
+                    self.watch.want(position)
+                self.watch.wait_for(lambda: carried_out() is not None, finished)
 
             if not self.writer.submit([encode_erasure(key, ts, si, uid)], logged, None):
                 done(_json(503, {"error": "overloaded: too many events waiting for a commit"},

@@ -72,6 +72,20 @@ FIELD_HELP = {
     "tls_cert": "PEM certificate (chain) file: serve HTTPS",
     "tls_key": "PEM private key file for --tls-cert",
     "access_log": "log one line per answered request (off by default)",
+    "nats": "comma-separated NATS server URLs: publish every event of the log to JetStream "
+            "(the outbox)",
+    "node_id": "this node's name, unique in the cluster (none: the host name)",
+    "nats_stream": "the JetStream stream (subjects STREAM.<node id>), created if missing",
+    "nats_replicas": "copies of the stream when otserver creates it (3 on a 3-node cluster)",
+    "nats_creds": "NATS credentials file (.creds)",
+    "nats_user": "NATS user name",
+    "nats_password": "NATS password",
+    "nats_token": "NATS authentication token",
+    "nats_tls_ca": "CA file to verify the NATS servers",
+    "nats_tls_cert": "client certificate file for NATS (with --nats-tls-key)",
+    "nats_tls_key": "client key file for NATS",
+    "cluster": "fold the views from the stream, not the node's own log: every node holds "
+               "the same views",
     "ttl_s": "how long data is kept (with a unit: 60d, 12h)",
     "allow_short_ttl": "accept a --ttl shorter than one hour (tests, demos)",
     "sweep_interval_s": "time between the sweeper's passes",
@@ -120,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fold until the views reach the log's last position, then exit")
     fold.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)
     _add_config_flags(fold, dataclasses.fields(Config))
+    relay = sub.add_parser("relay", help="run the relay: publish the log to the NATS stream "
+                           "(and with --cluster copy the stream); serve starts one by itself")
+    relay.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)
+    _add_config_flags(relay, dataclasses.fields(Config))
     writer = sub.add_parser("writer", help="(started by serve: the process that appends to "
                             "the log for one server process)")
     writer.add_argument("--fd", type=int, required=True, help=argparse.SUPPRESS)
@@ -233,8 +251,15 @@ def serve(config: Config) -> int:
     import uvloop
 
     from .folder import FolderProcess
+    from .relay import start_relay
     from .server import serve as serve_process
     from .store import open_store
+    from .log import copy_path
+    if not config.cluster and os.path.isdir(copy_path(config.data_dir)):
+        raise SystemExit(f"otserver: {config.data_dir} is a cluster node's (its views are "
+                         "folded from the NATS stream): serve it with --nats URL --cluster, "
+                         f"or delete {copy_path(config.data_dir)} and run otserver "
+                         "rebuild-views to make it a lone server again")
     # Open the store once before any process serves it: a 0.1 store is migrated here, an
     # unknown schema refused, a new data directory laid out.
     open_store(config).close()
@@ -246,10 +271,14 @@ def serve(config: Config) -> int:
     if not folder.wait_running():
         logging.getLogger("otserver").error(
             "the folder process did not start; serving anyway (reads will wait)")
+    relay = start_relay(config)
     try:
-        return uvloop.run(serve_process(config, folder=folder))
+        return uvloop.run(serve_process(config, folder=folder, relay=relay))
     finally:
+        if relay is not None:
+            relay.stop()  # after the drain: it publishes what the last commits appended
         folder.stop()
+
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
@@ -265,6 +294,9 @@ def run(args: argparse.Namespace, config: Config) -> int:
                               config.idempotency_window_s)
         finally:
             event_log.close()
+    if args.command == "relay":
+        from .relay import run_relay
+        return run_relay(config, parent=args.parent)
     from .store import open_store
     if args.command in NEEDS_STORE:
         _require_store(args.command, config.data_dir)
@@ -273,11 +305,11 @@ def run(args: argparse.Namespace, config: Config) -> int:
         if args.command == "fold":
             from .folder import catch_up, run_folder
             if args.once:
-                return 0 if catch_up(store.log, store.views, config) else 1
-            return run_folder(store.log, store.views, config, parent=args.parent)
+                return 0 if catch_up(store.events, store.views, config) else 1
+            return run_folder(store, config, parent=args.parent)
         if args.command == "rebuild-views":
             from .folder import rebuild
-            return rebuild(store.log, store.views, config)
+            return rebuild(store.events, store.views, config)
         from . import admin, api
         if args.command == "sweep":
             return admin.sweep(store, config)

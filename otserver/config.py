@@ -146,6 +146,20 @@ class Config:
     tls_key: str = ""
     access_log: bool = False
 
+    # beyond one machine (SPEC 7): the relay to NATS JetStream (relay.py)
+    nats: str = ""  # comma-separated server URLs; empty: no outbox
+    node_id: str = ""  # this node's name in the stream's subjects; empty: the host name
+    nats_stream: str = "OTSERVER"
+    nats_replicas: int = 1  # copies of the stream, when otserver creates it
+    nats_creds: str = ""  # a .creds file (JWT and NKey seed)
+    nats_user: str = ""
+    nats_password: str = ""
+    nats_token: str = ""
+    nats_tls_ca: str = ""  # CA file to verify the NATS servers (tls:// URLs)
+    nats_tls_cert: str = ""  # client certificate and key, when the servers ask for one
+    nats_tls_key: str = ""
+    cluster: bool = False  # fold the views from the stream (every node the same views)
+
     # read API paging
     default_page_size: int = 100
     max_page_size: int = 1000
@@ -254,6 +268,9 @@ def format_setting(name: str, value) -> str:
     return str(value)
 
 
+_SUBJECT_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
 def check(config: Config) -> None:
     """Refuse settings that cannot be meant, naming the flag (ValueError)."""
     if not 0 <= config.port <= 65535:
@@ -280,6 +297,15 @@ def check(config: Config) -> None:
     parse_names(config.breakdown_properties)  # ValueError naming the flag
     if config.max_store_bytes < config.initial_store_bytes:
         raise ValueError("--max-store-bytes is smaller than --initial-store-bytes")
+    if config.cluster and not config.nats:
+        raise ValueError("--cluster folds the views from the NATS stream: give --nats URL")
+    if config.nats and not _SUBJECT_TOKEN.match(config.nats_stream):
+        raise ValueError(f"--nats-stream {config.nats_stream!r}: letters, digits, - and _ only")
+    if config.node_id and not _SUBJECT_TOKEN.match(config.node_id):
+        raise ValueError(f"--node-id {config.node_id!r}: letters, digits, - and _ only (it "
+                         "is a token of the stream's subjects)")
+    if not 1 <= config.nats_replicas <= 5:
+        raise ValueError("--nats-replicas: from 1 to 5 (JetStream's limit)")
     if config.data_dir and os.path.exists(config.data_dir) and not os.path.isdir(config.data_dir):
         raise ValueError(f"--data-dir {config.data_dir} is a file, not a directory")
 

@@ -33,14 +33,14 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections import deque
 
+from .child import ChildProcess
 from .errors import StoreFailed, StoreFull
 from .metrics import Histogram, LAG_SECONDS_BUCKETS, FOLD_SIZE_BUCKETS, write_snapshot
-from .model import LogEntry, entry_ts, now_ms
+from .model import ID_END, KIND_END, LogEntry, entry_ts, now_ms
 from .sweeper import Sweeper
 
 log = logging.getLogger("otserver")
@@ -110,13 +110,19 @@ def folder_running(data_dir: str) -> bool:
 # --------------------------------------------------------------------------- folding
 
 class Folder:
-    def __init__(self, event_log, views, config, *, clock=now_ms, sweeper: bool = True):
+    """Folds `event_log` (the node's log, or on a cluster node its copy of the stream) into
+    the views. `node_log`: on a cluster node, the node's own log, which erasures purge too."""
+
+    def __init__(self, event_log, views, config, *, clock=now_ms, sweeper: bool = True,
+                 node_log=None):
         self.log = event_log
+        self.node_log = node_log
         self.views = views
         self.config = config
         self.batch_limit = config.fold_batch_events
         self.delay_ms = config.fold_delay_s * 1000
-        self.sweeper = Sweeper(event_log, views, config, clock=clock) if sweeper else None
+        self.sweeper = Sweeper(event_log, views, config, clock=clock,
+                               node_log=node_log) if sweeper else None
         self.watermark = views.watermark()
         self.folded = 0
         self.batches = 0
@@ -175,11 +181,18 @@ class Folder:
         if not pending:
             return
 
-        def purge(txn) -> None:
+        def purge(txn) -> list[bytes]:
+            ids = []
             for position, result, positions in pending:
+                if self.node_log is not None:
+                    ids += [raw[KIND_END:ID_END] for raw in
+                            (self.log.raw(txn, p) for p in positions) if raw is not None]
                 self.log.delete_in(txn, positions)
                 self.log.put_erasure_result(txn, position, result)
-        self.log.write(purge)
+            return ids
+        ids = self.log.write(purge)
+        if ids:  # a cluster node: the copies of the erased events its own log received
+            self.node_log.write(self.node_log.delete_ids_in, ids)
         done = {position for position, _, _ in pending}
 
         def clear(txn) -> None:
@@ -271,7 +284,7 @@ class Folder:
         }
 
 
-def run_folder(event_log, views, config, *, parent: int | None = None) -> int:
+def run_folder(store, config, *, parent: int | None = None) -> int:
     """The body of `otserver fold`: take the lock (waiting for another folder to end), then
     fold and sweep until SIGTERM."""
     lock = FolderLock(config.data_dir)
@@ -282,7 +295,8 @@ def run_folder(event_log, views, config, *, parent: int | None = None) -> int:
                 return 0
             time.sleep(0.1)
     from .agents import warm
-    folder = Folder(event_log, views, config)
+    folder = Folder(store.events, store.views, config,
+                    node_log=store.log if store.cluster else None)
     signal.signal(signal.SIGTERM, lambda *_: folder.stop())
     signal.signal(signal.SIGINT, lambda *_: folder.stop())
     warm()  # before the first fold (a read waits for that one), after the handlers
@@ -347,23 +361,11 @@ def rebuild(event_log, views, config, *, out=sys.stderr) -> int:
 
 # --------------------------------------------------------------------------- the process
 
-class FolderProcess:
-    """The folder as a child process of `serve` (or of the supervisor): started with the
-    same settings, replaced when it dies, stopped last."""
+class FolderProcess(ChildProcess):
+    """The folder as a child process of `serve` (or of the supervisor)."""
 
     def __init__(self, config):
-        from .config import to_env
-        self.config = config
-        self.env = {**os.environ, **to_env(config)}
-        self.proc: subprocess.Popen | None = None
-        self.restarts: deque = deque(maxlen=10)
-        self.next_start = 0.0
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "otserver", "fold", "--parent", str(os.getpid())],
-            env=self.env, stdin=subprocess.DEVNULL)
-        log.info("folder process started (pid %d)", self.proc.pid)
+        super().__init__(config, "fold", "folder")
 
     def wait_running(self, timeout_s: float = 30.0) -> bool:
         """Until some folder holds the lock (ours, or another server's on this directory)."""
@@ -376,39 +378,24 @@ class FolderProcess:
             time.sleep(0.01)
         return False
 
-    def check(self) -> None:
-        """Replace the folder when it has died (at most every 2 s while it keeps dying)."""
-        if self.proc is None or self.proc.poll() is None:
-            return
-        now = time.monotonic()
-        if now < self.next_start:
-            return
-        log.error("folder process (pid %d) exited with %s; starting another",
-                  self.proc.pid, self.proc.returncode)
-        self.restarts.append(now)
-        self.next_start = now + (2.0 if len(self.restarts) > 3 and
-                                 now - self.restarts[0] < 30 else 0.2)
-        self.start()
-
-    def stop(self, timeout_s: float = 15.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            log.error("folder process did not stop in %.0f s; killing it", timeout_s)
-            self.proc.kill()
-            self.proc.wait()
-
 
 # --------------------------------------------------------------------------- the loop's view
 
 class ViewWatch:
-    """The event loop's view of the folder's progress. No LMDB write happens here."""
+    """The event loop's view of the folder's progress. No LMDB write happens here.
 
-    def __init__(self, event_log, views, loop, config):
+    `event_log` is the log the views are folded from; on a cluster node (`node_log` given,
+    its own log) that is the copy of the stream, and a read waits for its writes through the
+    stream: until the outbox has published the node's log as it was when the read arrived
+    and the views have folded the stream up to there."""
+
+    def __init__(self, event_log, views, loop, config, node_log=None):
         self.log = event_log
+        self.node_log = node_log
+        self._acked = None
+        if node_log is not None:
+            from .relay import Acked
+            self._acked = Acked(config.data_dir)
         self.views = views
         self.loop = loop
         self.config = config
@@ -469,6 +456,9 @@ class ViewWatch:
         """callback(True) once the views reach `target` (default: the log's tail now), or
         callback(False) after --max-read-wait."""
         if target is None:
+            if self.node_log is not None:
+                self._wait_published(callback, deadline_s)
+                return
             target = self.log_tail()
         if self.watermark < target:
             self.refresh()
@@ -477,6 +467,25 @@ class ViewWatch:
             return
         self.want(target)  # the folder folds at once instead of gathering a batch
         self.wait_for(lambda: self.watermark >= target, callback, deadline_s)
+
+    def _wait_published(self, callback, deadline_s: float | None) -> None:
+        with self.node_log.read() as txn:
+            mine = self.node_log.tail(txn)
+        folded_to: list[int] = []  # the stream sequence to wait for, once the outbox is there
+
+        def ready() -> bool:
+            if not folded_to:
+                position, sequence = self._acked.read()
+                if position < mine:
+                    return False
+                folded_to.append(sequence)
+                self.want(sequence)
+            return self.watermark >= folded_to[0]
+        self.refresh()
+        if ready():
+            callback(True)
+        else:
+            self.wait_for(ready, callback, deadline_s)
 
     def want(self, position: int) -> None:
         """Ask the folder to fold up to `position` now."""
@@ -513,6 +522,8 @@ class ViewWatch:
             callback(False)
         self._waiters.clear()
         self._wanted.close()
+        if self._acked is not None:
+            self._acked.close()
 
 
 def read_folder_snapshot(metrics_dir: str) -> dict | None:

@@ -13,6 +13,13 @@ Environment `<data dir>/log` (keys are bytes):
             b"next"                -> position(8): the next position, once the last entry
                                       has been deleted (by the sweeper)
             b"sites_generation"    -> counter(8), bumped by every change of `sites`
+            b"outbox"              -> position(8) sequence(8): the last position whose entry
+                                      the NATS stream acknowledged, and its stream sequence
+                                      (relay.py; absent: nothing published yet)
+
+The same layout holds a node's copy of a cluster's stream (`<data dir>/stream`, relay.py):
+there a position is the entry's stream sequence, and the views of a `--cluster` node are
+folded from that copy instead of the node's own log.
 
 Invariants:
 - Positions start at 1 and are assigned inside the write transaction that appends: the last
@@ -101,6 +108,29 @@ class EventLog:
         if added != len(ids):
             raise DuplicateId("an appended id is already in the log")
         return first
+
+    def copy_in(self, txn, items) -> tuple[int, int]:
+        """Append entries of the cluster's stream at their stream sequences [(sequence, raw)]
+        (a copy: the stream's gaps are kept, times are as published). An entry at or below
+        the tail (delivered again) or whose id is here already (published twice beyond the
+        stream's duplicate window) is skipped. -> (copied, skipped)."""
+        tail = self.tail(txn)
+        cur = txn.cursor(db=self._log)
+        copied = 0
+        for position, value in items:
+            if position <= tail or not txn.put(value[KIND_END:ID_END], position_bytes(position),
+                                               db=self._eids, overwrite=False):
+                continue
+            cur.put(position_bytes(position), value, append=True)
+            tail = position
+            copied += 1
+        return copied, len(items) - copied
+
+    def delete_ids_in(self, txn, keys) -> int:
+        """Delete the entries with these ids, where present (an erasure carried out on a
+        cluster node: its own log's copies of the erased events)."""
+        positions = [self.find(txn, key) for key in keys]
+        return self.delete_in(txn, [p for p in positions if p is not None])
 
     def append_groups(self, groups: list, units: list, now_ms: int, window_ms: int):
         """Append the entries of many requests in one synced transaction, checking their
@@ -318,6 +348,22 @@ class EventLog:
             done += 1
         return done
 
+    # ------------------------------------------------------------------ the outbox cursor
+
+    def outbox_cursor(self, txn=None) -> tuple[int, int]:
+        """(last position the stream acknowledged, its stream sequence); (0, 0) at first."""
+        if txn is None:
+            with self.read() as txn:
+                return self.outbox_cursor(txn)
+        raw = txn.get(b"outbox", db=self._meta)
+        if raw is None:
+            return 0, 0
+        return int.from_bytes(raw[:8], "big"), int.from_bytes(raw[8:], "big")
+
+    def put_outbox_cursor(self, position: int, sequence: int) -> None:
+        value = position_bytes(position) + sequence.to_bytes(8, "big")
+        self.write(lambda txn: txn.put(b"outbox", value, db=self._meta))
+
     # ------------------------------------------------------------------ tokens
 
     def put_token(self, digest: bytes, site: str, created_ms: int, label: str) -> None:
@@ -383,3 +429,8 @@ class EventLog:
 
 def log_path(data_dir: str) -> str:
     return os.path.join(data_dir, "log")
+
+
+def copy_path(data_dir: str) -> str:
+    """A cluster node's copy of the stream (relay.py)."""
+    return os.path.join(data_dir, "stream")

@@ -157,7 +157,7 @@ def _merge_histograms(items: list[dict], bounds) -> dict:
 
 
 def render(snapshots: list[dict], store_info: dict, folder: dict | None,
-           views: dict) -> bytes:
+           views: dict, relay: dict | None = None) -> bytes:
     """The Prometheus text exposition of all workers' numbers added up, and the folder's."""
     requests: Counter = Counter()
     refusals: Counter = Counter()
@@ -252,16 +252,54 @@ def render(snapshots: list[dict], store_info: dict, folder: dict | None,
               f"otserver_sweeper_passes_total {swept.get('passes', 0)}"]
     lines += ["# HELP otserver_store_file_bytes Size of each environment's data file.",
               "# TYPE otserver_store_file_bytes gauge"]
+    envs = [env for env in ("log", "views", "stream") if env in store_info]
     lines += [f'otserver_store_file_bytes{{env="{env}"}} {store_info[env]["file_bytes"]}'
-              for env in ("log", "views")]
+              for env in envs]
     lines += ["# HELP otserver_store_used_bytes Pages in use in each environment.",
               "# TYPE otserver_store_used_bytes gauge"]
     lines += [f'otserver_store_used_bytes{{env="{env}"}} {store_info[env]["used_bytes"]}'
-              for env in ("log", "views")]
+              for env in envs]
     lines += ["# HELP otserver_store_max_bytes The size cap of each environment.",
               "# TYPE otserver_store_max_bytes gauge",
               f"otserver_store_max_bytes {store_info['max_bytes']}"]
+    if relay is not None:
+        lines += _relay_lines(relay)
     return ("\n".join(lines) + "\n").encode()
+
+
+def _relay_lines(relay: dict) -> list[str]:
+    """The relay's figures (relay.Relay.snapshot), with --nats."""
+    lines = [
+        "# HELP otserver_nats_connected 1 while the relay is connected to NATS.",
+        "# TYPE otserver_nats_connected gauge",
+        f"otserver_nats_connected {1 if relay.get('connected') else 0}",
+        "# HELP otserver_outbox_lag_events Log entries the stream has not acknowledged yet.",
+        "# TYPE otserver_outbox_lag_events gauge",
+        f"otserver_outbox_lag_events {relay.get('lag_events', 0)}",
+        "# HELP otserver_outbox_lag_seconds Age of the oldest entry the stream has not "
+        "acknowledged (0: none).",
+        "# TYPE otserver_outbox_lag_seconds gauge",
+        f"otserver_outbox_lag_seconds {relay.get('lag_seconds', 0.0)}",
+        "# HELP otserver_outbox_published_total Entries published to the stream (by the "
+        "running relay).",
+        "# TYPE otserver_outbox_published_total counter",
+        f"otserver_outbox_published_total {relay.get('published', 0)}",
+        "# HELP otserver_outbox_resent_total Entries published again (a timeout, a lost "
+        "connection, a refusal by the stream).",
+        "# TYPE otserver_outbox_resent_total counter",
+        f"otserver_outbox_resent_total {relay.get('resent', 0)}",
+    ]
+    if "copy_tail" in relay:
+        lines += [
+            "# HELP otserver_stream_copy_position The last stream sequence copied (--cluster).",
+            "# TYPE otserver_stream_copy_position gauge",
+            f"otserver_stream_copy_position {relay['copy_tail']}",
+            "# HELP otserver_stream_copy_lag_messages Stream messages not yet copied.",
+            "# TYPE otserver_stream_copy_lag_messages gauge",
+            f"otserver_stream_copy_lag_messages "
+            f"{max(0, relay.get('stream_last', 0) - relay['copy_tail'])}",
+        ]
+    return lines
 
 
 GUARDS = ("unregistered_site", "origin", "rate_limit_ip", "rate_limit_site", "quota")

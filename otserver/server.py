@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import ssl
+import time
 from collections import Counter
 
 from .api import Api, ReadPool
@@ -26,6 +27,7 @@ from .live import LiveHub
 from .metrics import Metrics, read_snapshots, render, write_snapshot
 from .model import entry_ts, now_ms, site_key
 from .notify import Notifier
+from .relay import read_relay_snapshot
 from .protocol import Context, HttpProtocol
 from .store import Store
 from .writer import Writer
@@ -35,22 +37,25 @@ log = logging.getLogger("otserver")
 class Server:
     """What every connection shares: config, handler, writer, views watch, counters."""
 
-    def __init__(self, config, store: Store, loop, *, workers: int = 1, folder=None):
+    def __init__(self, config, store: Store, loop, *, workers: int = 1, folder=None,
+                 relay=None):
         self.config = config
         self.workers = workers
         self.metrics_dir = os.path.join(config.data_dir, "metrics")
         self.store = store
         self.loop = loop
         self.folder = folder  # this process's FolderProcess (None: the supervisor has it)
+        self.relay = relay  # ... and its relay process (--nats)
         self.connections: set = set()
         self.metrics = Metrics()
-        self.watch = ViewWatch(store.log, store.views, loop, config)
+        node_log = store.log if store.cluster else None
+        self.watch = ViewWatch(store.events, store.views, loop, config, node_log=node_log)
         self.writer = Writer(config, loop, max_pending=config.max_pending_events,
                              on_commit=self._committed)
         self.pool = ReadPool(loop)
-        self.api = Api(store.log, store.views, config, watch=self.watch, pool=self.pool,
-                       writer=self.writer)
-        self.live = LiveHub(store.log, loop, config.live_buffer_bytes, replay=self.api.replay)
+        self.api = Api(store.events, store.views, config, watch=self.watch, pool=self.pool,
+                       writer=self.writer, node_log=node_log)
+        self.live = LiveHub(store.events, loop, config.live_buffer_bytes, replay=self.api.replay)
         self.guards = Guards(config, store.log, held_of=self._held)
         self.handler = Handler(config, self.api, not_ready=self.not_ready,
                                metrics_text=self.metrics_text, watch=self.watch,
@@ -86,22 +91,41 @@ class Server:
 
     def not_ready(self) -> str | None:
         """Why the server cannot take writes or answer reads now, or None (/readyz)."""
-        return self.writer_problem() or self.watch.problem()
+        return self.writer_problem() or self.watch.problem() or self.relay_problem()
+
+    def relay_problem(self) -> str | None:
+        """With --nats: why this node's events are not reaching the stream, or None."""
+        if not self.config.nats:
+            return None
+        snap = read_relay_snapshot(self.metrics_dir)
+        if snap is None or time.time() - snap["at"] > 5.0:
+            return "the relay to NATS is not running"
+        if not snap["connected"]:
+            since = snap.get("disconnected_at") or snap["at"]
+            return (f"not connected to NATS for {time.time() - since:.0f} s "
+                    f"({snap['error'] or 'reconnecting'}); the outbox holds "
+                    f"{snap['lag_events']} events")
+        behind = snap.get("stream_last", 0) - snap.get("copy_tail", 0)
+        if "copy_tail" in snap and behind > self.config.max_view_lag:
+            return f"catching up with the stream: {behind} messages behind"
+        return None
 
     def metrics_text(self) -> bytes:
         own = self._snapshot()
         snapshots = read_snapshots(self.metrics_dir, os.getpid(), own)
         store = self.store
         store_info = {"max_bytes": store.max_bytes}
-        for name, env in (("log", store.log.store), ("views", store.views.store)):
+        for name, env in store.environments():
             store_info[name] = {"file_bytes": env.file_bytes(), "used_bytes": env.used_bytes()}
         self.watch.refresh()
-        with store.log.read() as txn:
-            raw = store.log.raw(txn, self.watch.watermark + 1)
+        with store.events.read() as txn:
+            raw = store.events.raw(txn, self.watch.watermark + 1)
         views = {"tail": self.watch.tail, "watermark": self.watch.watermark,
                  "lag_seconds": max(0.0, now_ms() - entry_ts(raw)) / 1000 if raw else 0.0,
                  "folder_up": folder_running(self.config.data_dir)}
-        return render(snapshots, store_info, read_folder_snapshot(self.metrics_dir), views)
+        relay = read_relay_snapshot(self.metrics_dir) if self.config.nats else None
+        return render(snapshots, store_info, read_folder_snapshot(self.metrics_dir), views,
+                      relay)
 
     def _snapshot(self) -> dict:
         snapshot = self.metrics.snapshot(self.writer, len(self.connections), self.live)
@@ -134,6 +158,8 @@ class Server:
         self.guards.tick()
         if self.folder is not None:
             self.folder.check()
+        if self.relay is not None:
+            self.relay.check()
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.live_heartbeat_s
             self.live.heartbeat()
@@ -150,7 +176,7 @@ class Server:
         self._tick_handle.cancel()
 
 
-async def serve(config, *, workers: int = 1, notifier=None, folder=None) -> int:
+async def serve(config, *, workers: int = 1, notifier=None, folder=None, relay=None) -> int:
     """One serving process. `workers` > 1: a worker of a supervisor (metrics shared by file);
     `folder`: the folder process this one started and looks after (single-process mode)."""
     from .agents import warm
@@ -158,7 +184,7 @@ async def serve(config, *, workers: int = 1, notifier=None, folder=None) -> int:
     loop = asyncio.get_running_loop()
     notifier = notifier or Notifier.from_env()
     store = open_store(config)
-    server = Server(config, store, loop, workers=workers, folder=folder)
+    server = Server(config, store, loop, workers=workers, folder=folder, relay=relay)
     await server.writer.start()
     tls = tls_context(config)
     stop = asyncio.Event()  # before anyone can learn the port: a SIGTERM from then on drains

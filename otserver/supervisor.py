@@ -28,6 +28,7 @@ import uvloop
 
 from .errors import PortInUse
 from .folder import FolderProcess
+from .relay import start_relay
 from .metrics import alive
 from .notify import Notifier
 from .server import serve
@@ -121,6 +122,8 @@ def supervise(config, workers: int) -> int:
     folder.start()
     if not folder.wait_running():
         log.error("otserver supervisor: the folder process did not start")
+    relay = start_relay(config)  # with --nats
+    helpers = [folder] + ([relay] if relay is not None else [])
     for index in range(workers):
         spawn(index)
     log.info("otserver supervisor: %d workers on port %d", workers, port)
@@ -139,7 +142,8 @@ def supervise(config, workers: int) -> int:
         if pid == 0:
             time.sleep(0.1)
             if not stopping:
-                folder.check()
+                for helper in helpers:
+                    helper.check()
             if interval and time.monotonic() >= next_ping:
                 next_ping = time.monotonic() + interval
                 if _workers_healthy(metrics_dir, children, max(3.0, 2 * interval)):
@@ -147,9 +151,10 @@ def supervise(config, workers: int) -> int:
                 else:
                     log.error("otserver supervisor: a worker is not healthy; watchdog withheld")
             continue
-        if pid not in children:  # the folder (reaped here): folder.check() replaces it
-            if folder.proc is not None and pid == folder.proc.pid:
-                folder.proc.returncode = os.waitstatus_to_exitcode(status)
+        if pid not in children:  # the folder or the relay (reaped here): check() replaces it
+            for helper in helpers:
+                if helper.proc is not None and pid == helper.proc.pid:
+                    helper.proc.returncode = os.waitstatus_to_exitcode(status)
             continue
         index = children.pop(pid)
         code = os.waitstatus_to_exitcode(status)
@@ -164,6 +169,8 @@ def supervise(config, workers: int) -> int:
         if len(restarts) > 5 * workers:
             time.sleep(1.0)  # a crash loop: do not spin
         spawn(index)
+    if relay is not None:
+        relay.stop()  # after the workers drained: it publishes what they appended last
     folder.stop()
     reserved.close()
     log.info("otserver supervisor: stopped")

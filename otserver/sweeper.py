@@ -28,13 +28,17 @@ SWEEP_SHARE = 0.2  # of the folder's time, at most, while it is busy folding
 
 
 def sweep_step(event_log, views, now_ms: int, ttl_ms: int, limit: int = 500,
-               window_ms: int | None = None) -> dict:
+               window_ms: int | None = None, node_log=None) -> dict:
     """Delete up to `limit` expired things (and `limit` idempotency keys older than
-    `window_ms`). -> {"events", "sessions", "users", "keys", "more"}."""
+    `window_ms`). `node_log`: on a cluster node (where `event_log` is the copy of the
+    stream), the node's own log, which holds the keys and whose published entries expire
+    too. -> {"events", "sessions", "users", "keys", "more"}."""
     cutoff = now_ms - ttl_ms
     done = {"events": 0, "sessions": 0, "users": 0, "keys": 0, "more": False}
     if window_ms is not None:
-        done["keys"], done["more"] = event_log.expire_keys(now_ms, window_ms, limit)
+        done["keys"], done["more"] = (node_log or event_log).expire_keys(now_ms, window_ms, limit)
+    if node_log is not None and expire_published(node_log, cutoff, limit):
+        done["more"] = True
     watermark = views.watermark()
     with event_log.read() as ltxn:
         last = event_log.tail(ltxn)
@@ -109,12 +113,28 @@ def sweep_step(event_log, views, now_ms: int, ttl_ms: int, limit: int = 500,
     return done
 
 
+def expire_published(node_log, cutoff: int, limit: int) -> bool:
+    """On a cluster node: delete up to `limit` entries of its own log older than `cutoff`
+    that the stream has acknowledged (the views were folded from the copy, which the
+    sweeper sweeps as any log). -> whether more are due."""
+    published = node_log.outbox_cursor()[0]
+    with node_log.read() as txn:
+        expired = [position for position, raw in
+                   node_log.entries_after(txn, 0, limit + 1, until=published)
+                   if int.from_bytes(raw[:8], "big") < cutoff]
+    if expired:
+        node_log.write(node_log.delete_in, expired[:limit])
+    return len(expired) > limit
+
+
 class Sweeper:
     """When to run a step: a pass a second after start, then one every `interval_s`; while
     the folder is busy, at most SWEEP_SHARE of its time (after a step of t s, wait 4t)."""
 
-    def __init__(self, event_log, views, config, *, clock=now_ms, monotonic=time.monotonic):
+    def __init__(self, event_log, views, config, *, clock=now_ms, monotonic=time.monotonic,
+                 node_log=None):
         self.event_log = event_log
+        self.node_log = node_log
         self.views = views
         self.ttl_ms = int(config.ttl_s * 1000)
         self.window_ms = int(config.idempotency_window_s * 1000)
@@ -132,7 +152,7 @@ class Sweeper:
     def step(self, busy: bool) -> dict:
         started = self.monotonic()
         result = sweep_step(self.event_log, self.views, self.clock(), self.ttl_ms, self.limit,
-                            self.window_ms)
+                            self.window_ms, self.node_log)
         for name in self._pass:
             self._pass[name] += result[name]
             self.totals[name] += result[name]
@@ -143,7 +163,8 @@ class Sweeper:
         self.totals["passes"] += 1
         # A reader killed while we run (a backup, an export) would pin old pages, and a file
         # would grow by everything swept until a restart: clear dead readers' slots.
-        cleared = sum(store.env.reader_check() for store in (self.event_log.store, self.views.store))
+        logs = (self.event_log, self.views) + ((self.node_log,) if self.node_log else ())
+        cleared = sum(part.store.env.reader_check() for part in logs)
         if cleared:
             log.warning("cleared %d stale reader slot(s) left by dead processes", cleared)
         if any(self._pass.values()):
@@ -154,13 +175,14 @@ class Sweeper:
         return result
 
 
-def sweep_all(event_log, views, config, *, clock=now_ms) -> dict:
+def sweep_all(event_log, views, config, *, clock=now_ms, node_log=None) -> dict:
     """One whole pass (`otserver sweep`)."""
     totals = {"events": 0, "sessions": 0, "users": 0, "keys": 0}
     ttl_ms = int(config.ttl_s * 1000)
     window_ms = int(config.idempotency_window_s * 1000)
     while True:
-        step = sweep_step(event_log, views, clock(), ttl_ms, config.sweep_step_limit, window_ms)
+        step = sweep_step(event_log, views, clock(), ttl_ms, config.sweep_step_limit, window_ms,
+                          node_log)
         for name in totals:
             totals[name] += step[name]
         if not step["more"]:
