@@ -30,12 +30,14 @@ def opened(data_dir, readonly: bool = True):
 
 
 def log_events(data_dir) -> list:
-    """Every event entry of the log, decoded, in log order."""
+    """Every event entry of the log the views are folded from (a cluster node's copy of the
+    stream), decoded, in its order."""
     from otserver.model import LogEntry
     with opened(data_dir) as store:
-        with store.log.read() as txn:
+        with store.events.read() as txn:
             return [entry for entry in (LogEntry(p, raw) for p, raw in
-                                        store.log.entries_after(txn, 0, 1 << 62)) if entry.is_event]
+                                        store.events.entries_after(txn, 0, 1 << 62))
+                    if entry.is_event]
 
 
 def wait_caught_up(data_dir, timeout: float = 20.0) -> None:
@@ -43,7 +45,7 @@ def wait_caught_up(data_dir, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         with opened(data_dir) as store:
-            if store.views.watermark() >= store.log.last_position():
+            if store.views.watermark() >= store.events.last_position():
                 return
         assert time.monotonic() < deadline, "the views did not catch up with the log"
         time.sleep(0.05)
@@ -66,7 +68,7 @@ def check_consistent(data_dir, site: str | None = None) -> dict:
     with opened(data_dir) as store:
         views = store.views
         with views.read() as txn:
-            assert views.watermark_in(txn) == store.log.last_position(), "views not caught up"
+            assert views.watermark_in(txn) == store.events.last_position(), "views not caught up"
             assert txn.stat(views.db["sessions"])["entries"] == len(per_session)
             assert txn.stat(views.db["users"])["entries"] == len(per_user)
             for (si, sid), positions in per_session.items():
