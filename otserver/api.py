@@ -494,7 +494,7 @@ class Api:
             if not last.isdigit() or len(last) > 19:
                 raise HttpError(400, "Last-Event-ID must be a log position (an id: of this stream)")
             last = int(last)
-        return LiveStream(si, last)
+        return LiveStream(si, last, since=self.log.last_position())
 
     def replay(self, si: str, after: int, until: int, done) -> None:
         """For a live stream resumed with Last-Event-ID: done(SSE bytes) with the site's

@@ -88,13 +88,16 @@ class Deferred:
 
 
 class LiveStream:
-    """The answer to /api/v1/live: the connection becomes an event stream of one site."""
+    """The answer to /api/v1/live: the connection becomes an event stream of one site, from
+    `last_id` (Last-Event-ID) or else from `since`, the log's last position when the request
+    was answered (so an event committed while the answer leaves is streamed, not lost)."""
 
-    __slots__ = ("si", "last_id")
+    __slots__ = ("si", "last_id", "since")
 
-    def __init__(self, si: str, last_id: int | None = None):
+    def __init__(self, si: str, last_id: int | None = None, since: int | None = None):
         self.si = si
         self.last_id = last_id
+        self.since = since
 
 
 class _Keys:

@@ -85,9 +85,16 @@ class LiveHub:
 
     # ------------------------------------------------------------------ subscribers
 
-    def subscribe(self, si: str, connection, last_id: int | None = None) -> None:
+    def subscribe(self, si: str, connection, last_id: int | None = None,
+                  since: int | None = None) -> None:
+        """Stream the site's events to `connection` after `last_id` (the client's
+        Last-Event-ID: what the hub has passed is replayed), or else after `since` (the log's
+        position when the request was answered: what was committed while the answer left is
+        not lost), or from now."""
         if self.position is None:
-            self.position = self.log.last_position()
+            self.position = since if since is not None else self.log.last_position()
+        if last_id is None:
+            last_id = since
         self._by_site.setdefault(site_key(si), set()).add(connection)
         if last_id is not None and last_id < self.position and self.replay is not None:
             self._held[connection] = []
@@ -158,9 +165,9 @@ class LiveConnection(asyncio.Protocol):
             except OSError:
                 pass
 
-    def subscribe(self, si: str, last_id: int | None) -> None:
+    def subscribe(self, si: str, last_id: int | None, since: int | None = None) -> None:
         self.si = si
-        self.hub.subscribe(si, self, last_id)
+        self.hub.subscribe(si, self, last_id, since)
 
     def data_received(self, data: bytes) -> None:
         pass  # a stream's client has nothing more to say

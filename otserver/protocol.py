@@ -530,7 +530,7 @@ class HttpProtocol(asyncio.Protocol):
         live.on_lost = self.ctx.connections.discard
         if self._paused_reading:
             transport.resume_reading()  # the stream reads nothing, but must see the client go
-        live.subscribe(stream.si, stream.last_id)
+        live.subscribe(stream.si, stream.last_id, stream.since)
 
     def _fail(self, error: HttpError) -> None:
         """Answer a request that cannot be parsed further, after those before it, and close."""
