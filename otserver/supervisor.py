@@ -159,7 +159,11 @@ def supervise(config, workers: int) -> int:
         index = children.pop(pid)
         code = os.waitstatus_to_exitcode(status)
         if stopping:
-            if code != 0:
+            # -SIGTERM: a worker replaced just before the stop, ended by our SIGTERM before
+            # it had set its handler (it had not listened yet: nothing to drain).
+            if code not in (0, -signal.SIGTERM):
+                log.error("otserver supervisor: worker %d (pid %d) exited with %d while "
+                          "draining", index, pid, code)
                 exit_code = 1
             continue
         log.error("otserver supervisor: worker %d (pid %d) exited with %d; replacing it",
