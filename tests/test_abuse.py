@@ -142,8 +142,8 @@ def test_a_thousand_slowloris_connections_neither_starve_clients_nor_outlive_the
 
 def test_thousands_of_idle_keep_alive_connections_are_closed_and_memory_stays_bounded(
         make_server):
-    server = make_server("--keepalive", "2s")
-    keepalive = 2.0
+    server = make_server("--keepalive", "4s")
+    keepalive = 4.0
     count = 3000
     rss_start = rss_mb(server.proc.pid)
     sel = selectors.DefaultSelector()
@@ -198,6 +198,10 @@ def test_thousands_of_idle_keep_alive_connections_are_closed_and_memory_stays_bo
         # While they idle: new clients are served, and the server's memory is bounded.
         def newcomers() -> None:
             side["connections"] = open_connections(server)
+            # Those idle for less than the keep-alive (all of them, unless a loaded machine
+            # took seconds to open 3,000) must still be open.
+            now = time.monotonic()
+            side["young"] = sum(1 for at in answered.values() if now - at < keepalive - 0.5)
             side["rss"] = rss_mb(server.proc.pid)
             latencies, eids = [], []
             for i in range(50):
@@ -225,7 +229,8 @@ def test_thousands_of_idle_keep_alive_connections_are_closed_and_memory_stays_bo
           f"{rss_start:.0f} MB at start, {side['rss']:.0f} MB with them idle; newcomers median "
           f"{median_ms:.2f} ms, max {max(side['latencies']) * 1000:.1f} ms; idle closed after "
           f"{min(lifetimes):.2f}..{max(lifetimes):.2f} s (keepalive {keepalive} s)")
-    assert side["connections"] >= count * 0.95, "the idle connections were not kept open"
+    assert side["young"] > 0 and side["connections"] >= side["young"] * 0.95, \
+        f"the idle connections were not kept open: {side}"
     assert len(side["eids"]) == 50, "a new client was not served while thousands idled"
     assert median_ms < 50
     assert side["rss"] < 300, f"RSS {side['rss']:.0f} MB with {count} idle connections"
