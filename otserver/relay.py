@@ -271,6 +271,7 @@ class Copier:
         self.skipped = 0
         self.stream_last = 0  # the stream's last sequence, as last looked up
         self.sub = None
+        self.generation = 0  # of the subscription whose messages are taken
         self.progress_at = time.monotonic()
 
     async def subscribe(self) -> None:
@@ -280,16 +281,20 @@ class Copier:
                 await self.sub.unsubscribe()
             except Exception:  # the old consumer may be gone with its server
                 pass
+            self.sub = None
         self.pending.clear()
+        self.generation += 1
+        generation = self.generation
+
+        async def on_msg(msg) -> None:  # a replaced subscription's late messages are dropped
+            if generation == self.generation:
+                self.pending.append((msg.metadata.sequence.stream, msg.data))
         self.sub = await self.js.subscribe(
-            f"{self.stream}.*", stream=self.stream, ordered_consumer=True, cb=self._on_msg,
+            f"{self.stream}.*", stream=self.stream, ordered_consumer=True, cb=on_msg,
             idle_heartbeat=2.0, pending_msgs_limit=4 * COPY_BATCH,
             config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                                   opt_start_seq=self.tail + 1))
         self.progress_at = time.monotonic()
-
-    async def _on_msg(self, msg) -> None:
-        self.pending.append((msg.metadata.sequence.stream, msg.data))
 
     async def flush(self) -> int:
         """Copy what arrived, in one transaction off the event loop. -> messages taken."""
@@ -312,7 +317,9 @@ class Copier:
         except Exception:
             return
         self.stream_last = info.state.last_seq
-        if self.stream_last > self.tail and time.monotonic() - self.progress_at > STALL_S:
+        if self.sub is None:
+            await self.subscribe()
+        elif self.stream_last > self.tail and time.monotonic() - self.progress_at > STALL_S:
             log.warning("relay: the copy is at %d, the stream at %d, nothing arrived for "
                         "%.0f s: subscribing again", self.tail, self.stream_last, STALL_S)
             await self.subscribe()
@@ -381,7 +388,10 @@ class Relay:
         await self.outbox.start()
         if self.copy is not None:
             self.copier = Copier(self.copy, js, self.config)
-            await self.copier.subscribe()
+            try:
+                await self.copier.subscribe()
+            except Exception as exc:  # check() tries again every second
+                log.warning("relay: cannot follow the stream yet: %s", exc)
         metrics_dir = os.path.join(self.config.data_dir, "metrics")
         next_second = 0.0
         idle = 0
@@ -394,13 +404,20 @@ class Relay:
                         log.warning("relay: the server process is gone; stopping")
                         break
                     if self.copier is not None and nc.is_connected:
-                        await self.copier.check()
+                        try:
+                            await self.copier.check()
+                        except Exception as exc:  # tried again in a second
+                            log.warning("relay: the stream copy: %s", exc)
                     write_snapshot(metrics_dir, self.snapshot(), SNAPSHOT_NAME)
                 busy = 0
-                if nc.is_connected:
-                    busy += await self.outbox.send_some()
-                elif self.outbox.inflight:
-                    self.outbox.reset("the connection was lost")
+                try:
+                    if nc.is_connected:
+                        busy += await self.outbox.send_some()
+                    elif self.outbox.inflight:
+                        self.outbox.reset("the connection was lost")
+                except Exception as exc:  # the connection went between the check and the send
+                    self.outbox.reset(f"{type(exc).__name__}: {exc}")
+                    await self._sleep(0.1)
                 if self.copier is not None:
                     busy += await self.copier.flush()
                 await self.outbox.save()
