@@ -288,6 +288,10 @@ def _relay_lines(relay: dict) -> list[str]:
         "connection, a refusal by the stream).",
         "# TYPE otserver_outbox_resent_total counter",
         f"otserver_outbox_resent_total {relay.get('resent', 0)}",
+        "# HELP otserver_outbox_duplicates_total Entries the stream answered it held already "
+        "(sent again after a restart or a reset; stored once).",
+        "# TYPE otserver_outbox_duplicates_total counter",
+        f"otserver_outbox_duplicates_total {relay.get('duplicates', 0)}",
     ]
     if "copy_tail" in relay:
         lines += [

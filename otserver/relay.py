@@ -180,6 +180,7 @@ class Outbox:
         self.failed: str | None = None  # the stream refused an entry: send again from the cursor
         self.published = 0
         self.resent = 0
+        self.duplicates = 0  # answers "held already": sent again (a restart, a reset), stored once
         self.prefix = ""
         acked.write(self.position, self.sequence)
         self.told = self.position
@@ -207,6 +208,8 @@ class Outbox:
             self.failed = error or f"status {status}"
             return
         self.acks[position] = sequence
+        if b'"duplicate"' in data:
+            self.duplicates += 1
         inflight = self.inflight
         moved = False
         while inflight and inflight[0] in self.acks:
@@ -477,6 +480,7 @@ class Relay:
             "cursor": outbox.position if outbox else 0,
             "published": outbox.published if outbox else 0,
             "resent": outbox.resent if outbox else 0,
+            "duplicates": outbox.duplicates if outbox else 0,
         }
         if self.copier is not None:
             snap.update(copy_tail=self.copier.tail, copied=self.copier.copied,

@@ -205,6 +205,7 @@ def test_a_node_killed_mid_publish_and_restarted_publishes_each_event_once(tmp_p
                                                                           nats_server):
     server = node(tmp_path, "a", nats_server.url)
     acked: list[str] = []
+    duplicates = 0  # sent again by a restarted relay (its cursor behind what was stored)
     for round_ in range(3):
         load = Load(server, f"r{round_}")
         load.start()
@@ -214,6 +215,8 @@ def test_a_node_killed_mid_publish_and_restarted_publishes_each_event_once(tmp_p
         load.join(15)
         acked += load.acked
         server.start(timeout=30)
+        wait_until(lambda: metric(server, "otserver_outbox_lag_events") == 0, timeout=30)
+        duplicates += metric(server, "otserver_outbox_duplicates_total")
     try:
         stored = node_log_eids(server.data_dir)
         assert set(acked) <= set(stored)  # acknowledged: on disk
@@ -222,9 +225,8 @@ def test_a_node_killed_mid_publish_and_restarted_publishes_each_event_once(tmp_p
         eids = stream_eids(nats_server.url)
         assert len(eids) == len(set(eids)), "an event is in the stream twice"
         assert eids == stored  # every stored event once, nothing else, in log order
-        resent = [line for line in server.log().splitlines() if "sending" in line]
-        print(f"acked {len(acked)}, stored {len(stored)}, in the stream {len(eids)}")
-        assert resent == [] or all("again" in line for line in resent)
+        print(f"acked {len(acked)}, stored {len(stored)}, in the stream {len(eids)}, "
+              f"sent again after the kills and stored once: {duplicates:.0f}")
     finally:
         assert server.stop() == 0
 
