@@ -276,13 +276,15 @@ def test_uid_persists_across_page_loads_without_cookies(ot, pages, tabs):
 
 
 def test_session_rolls_over_after_the_timeout(ot, pages, tabs):
-    site = "session.test"  # 0.02 minutes: 1.2 s
-    url = pages.add("/s", page_html(ot.port, site, attrs='data-session-timeout="0.02" '
+    # 0.05 minutes: 3 s (1.2 s was shorter than a loaded CI machine's page load sometimes
+    # took between the pageview and the next event)
+    site = "session.test"
+    url = pages.add("/s", page_html(ot.port, site, attrs='data-session-timeout="0.05" '
                                                          'data-flush-interval="50"'))
     page = load(tabs, tabs.context(), url)
     page.evaluate("ot.track('soon')")
     ot.wait(site, 2)
-    tabs.pump(1.6)
+    tabs.pump(3.5)
     page.evaluate("ot.track('later')")
     pageview, soon, later = ot.wait(site, 3)
     assert pageview["sid"] == soon["sid"] != later["sid"]
