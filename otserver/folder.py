@@ -420,8 +420,9 @@ class ViewWatch:
         self._refreshed = time.monotonic()
 
     def note_tail(self, position: int) -> None:
-        """This process committed up to `position`."""
-        if position > self.tail:
+        """This process committed up to `position` (of its own log: on a cluster node those
+        are not the positions of the copy the views are folded from, and count nothing)."""
+        if self.node_log is None and position > self.tail:
             self.tail = position
 
     def lag(self) -> int:
